@@ -1,0 +1,31 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Both set the machine up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit integration demo bench doctor clean
+
+setup:
+	@scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m pool.demo
+
+bench: setup
+	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/results/latest.json
+	$(PY) bench/report.py bench/results/latest.json
+
+doctor: setup
+	$(VENV)/bin/pool doctor
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

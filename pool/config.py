@@ -1,0 +1,53 @@
+"""Paths, defaults and limits. Environment variables override defaults; nothing here has side effects."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CRIU_PREFIX = Path("/opt/prewarm-pool/criu")
+DEFAULT_STORE = Path("/var/lib/pool/templates")
+DEFAULT_RUN_DIR = Path("/run/pool")
+DEFAULT_SOCKET = DEFAULT_RUN_DIR / "pool.sock"
+MIN_CRIU_VERSION = (4, 2)
+
+
+def criu_candidates() -> list[tuple[str, str]]:
+    """Where to look for CRIU, in order, each with the reason it is a candidate."""
+    out: list[tuple[str, str]] = []
+    env = os.environ.get("POOL_CRIU")
+    if env:
+        return [(env, "POOL_CRIU")]
+    out.append((str(DEFAULT_CRIU_PREFIX / "bin" / "criu"), "installer default"))
+    system = shutil.which("criu")
+    if system:
+        out.append((system, "PATH"))
+    return out
+
+
+def store_path() -> Path:
+    return Path(os.environ.get("POOL_STORE", DEFAULT_STORE))
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("POOL_RUN_DIR", DEFAULT_RUN_DIR))
+
+
+def socket_path() -> Path:
+    return Path(os.environ.get("POOL_SOCKET", run_dir() / "pool.sock"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    criu_timeout: float = 120.0       # seconds for one dump or restore before CRIU is killed
+    identity_timeout: float = 10.0    # seconds a restored copy has to ack its identity
+    kill_grace: float = 3.0           # SIGTERM to SIGKILL
+    max_frame: int = 4 * 1024 * 1024  # bytes of one RPC frame
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path = field(default_factory=store_path)
+    run_dir: Path = field(default_factory=run_dir)
+    limits: Limits = field(default_factory=Limits)

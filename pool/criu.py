@@ -1,0 +1,373 @@
+"""The only module that talks to CRIU.
+
+We start `criu swrk FD` ourselves (subprocess: thread-safe, killable, with a deadline) and let pycriu,
+CRIU's own binding, speak the RPC over FD. Two kinds of failure stay distinct, as in pycriu:
+`CriuUnavailable` (CRIU could not be found, started or talked to) and `CriuFailed` (CRIU ran and said no;
+errno and the last error lines of its log come along).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import config
+from .errors import CriuFailed, CriuTimeout, CriuUnavailable
+
+_VERSION_RE = re.compile(r"^Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", re.M)
+LOG_TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class CriuVersion:
+    major: int
+    minor: int
+    sublevel: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CriuVersion":
+        m = _VERSION_RE.search(text)
+        if not m:
+            raise ValueError(f"not a CRIU version string: {text.strip()[:80]!r}")
+        return cls(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+    def at_least(self, major: int, minor: int) -> bool:
+        return (self.major, self.minor) >= (major, minor)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    output: str
+
+
+@dataclass
+class DumpOptions:
+    leave_running: bool = False
+    network_lock_skip: bool = True    # templates live in their own netns; nothing to lock
+    external: list[str] = field(default_factory=list)
+    tcp_close: bool = False
+    ghost_limit: int | None = None
+    log_level: int = 4
+
+
+@dataclass
+class RestoreOptions:
+    # key (e.g. "pipe:[1234]") -> fd in this process that replaces it in the copy
+    inherit_fds: dict[str, int] = field(default_factory=dict)
+    tcp_close: bool = False
+    rst_sibling: bool = False
+    log_level: int = 2
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The lines of a CRIU log that explain a failure: its errors first, else its last lines."""
+    all_lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in all_lines if "Error" in ln or "error" in ln]
+    picked = errors[-lines:] if errors else all_lines[-lines:]
+    return "\n".join(picked)
+
+
+def _import_pycriu():
+    try:
+        import pycriu  # noqa: PLC0415  (comes from Debian's python3-pycriu via the venv's .pth)
+    except ImportError as e:
+        raise CriuUnavailable(
+            "pycriu is not importable: run `make setup` (it installs python3-pycriu and links it "
+            "into the virtualenv)") from e
+    return pycriu
+
+
+class Criu:
+    """One CRIU binary. Methods are blocking and safe to call from several threads at once."""
+
+    def __init__(self, binary: str | os.PathLike[str]) -> None:
+        self.binary = str(binary)
+        self._version: CriuVersion | None = None
+
+    # -- discovery ---------------------------------------------------------------------------------
+    @classmethod
+    def locate(cls) -> "Criu":
+        """Find a usable CRIU: POOL_CRIU, else the installer's path, else PATH. Checks version only."""
+        problems = []
+        for path, why in config.criu_candidates():
+            try:
+                crit = cls(path)
+                v = crit.version()
+            except CriuUnavailable as e:
+                if why == "POOL_CRIU":
+                    raise CriuUnavailable(f"POOL_CRIU={path}: {e.message}", path=path) from e
+                problems.append(f"{path} ({why}): {e.message}")
+                continue
+            if not v.at_least(*config.MIN_CRIU_VERSION):
+                problems.append(f"{path} ({why}) is CRIU {v}, older than 4.2")
+                if why == "POOL_CRIU":
+                    break
+                continue
+            return crit
+        detail = "; ".join(problems) or "no CRIU found"
+        raise CriuUnavailable(
+            f"no usable CRIU >= 4.2 ({detail}); run `make setup` or scripts/install-criu.sh, "
+            f"or point POOL_CRIU at a CRIU >= 4.2")
+
+    def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([self.binary, *args], capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except FileNotFoundError as e:
+            raise CriuUnavailable(f"{self.binary} does not exist", path=self.binary) from e
+        except PermissionError as e:
+            raise CriuUnavailable(f"{self.binary} is not executable", path=self.binary) from e
+        except OSError as e:
+            raise CriuUnavailable(f"cannot run {self.binary}: {e.strerror}", path=self.binary,
+                                  errno=e.errno) from e
+        except subprocess.TimeoutExpired as e:
+            raise CriuUnavailable(f"{self.binary} {' '.join(args)} did not answer in {timeout}s") from e
+
+    def version(self) -> CriuVersion:
+        if self._version is None:
+            res = self._run(["--version"], timeout=10)
+            try:
+                self._version = CriuVersion.parse(res.stdout)
+            except ValueError as e:
+                raise CriuUnavailable(
+                    f"{self.binary} --version did not print a CRIU version "
+                    f"(exit {res.returncode}): {(res.stdout + res.stderr).strip()[:200]}",
+                    path=self.binary) from e
+        return self._version
+
+    def check(self) -> CheckResult:
+        """`criu check`: whether the kernel and CRIU can dump and restore at all."""
+        res = self._run(["check"], timeout=60)
+        out = (res.stdout + res.stderr).strip()
+        return CheckResult(ok=res.returncode == 0, output=out)
+
+    def feature(self, name: str) -> CheckResult:
+        """`criu check --feature NAME`, e.g. uffd-noncoop (lazy pages), mem_dirty_track, timens."""
+        res = self._run(["check", "--feature", name], timeout=30)
+        out = (res.stdout + res.stderr).strip()
+        return CheckResult(ok=res.returncode == 0 and "Error" not in out and "OFF" not in out,
+                           output=out)
+
+    # -- RPC ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _swrk(self, pass_fds: tuple[int, ...]) -> Iterator[tuple[object, subprocess.Popen]]:
+        """A fresh `criu swrk` process and a pycriu client bound to it; both gone on exit."""
+        pycriu = _import_pycriu()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                proc = subprocess.Popen(
+                    [self.binary, "swrk", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(), *pass_fds),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            except OSError as e:
+                raise CriuUnavailable(f"cannot start {self.binary} swrk: {e.strerror}",
+                                      path=self.binary, errno=e.errno) from e
+            theirs.close()
+            client = pycriu.criu()
+            client.use_fd(ours.fileno())
+            try:
+                yield client, proc
+            finally:
+                if proc.poll() is None:
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                if proc.stderr:
+                    proc.stderr.close()
+        finally:
+            ours.close()
+            theirs.close()
+
+    def _call(self, op: str, fn, client, proc: subprocess.Popen, timeout: float,
+              log_file: Path | None):
+        """Run one pycriu request with a deadline; translate failures into our errors."""
+        pycriu = _import_pycriu()
+        result: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = fn(client)
+            except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+                result["error"] = e
+
+        worker = threading.Thread(target=target, name=f"criu-{op}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            _kill_tree(proc.pid)
+            worker.join(10)
+            raise CriuTimeout(op, f"no answer within {timeout:g}s; CRIU was killed",
+                              log_tail=_read_tail(log_file), log_path=_str(log_file))
+        err = result.get("error")
+        if err is None:
+            return result.get("value")
+        tail = _read_tail(log_file)
+        if isinstance(err, pycriu.CRIUExceptionExternal):
+            code = getattr(err, "errno", None) or None
+            raise CriuFailed(op, _errno_text(code), errno=code, log_tail=tail,
+                             log_path=_str(log_file)) from err
+        if isinstance(err, pycriu.CRIUException):
+            # The RPC itself broke: CRIU died or never answered.
+            stderr = _drain(proc)
+            if tail or stderr:
+                raise CriuFailed(op, f"CRIU stopped answering ({err})", log_tail=tail or stderr,
+                                 log_path=_str(log_file)) from err
+            raise CriuUnavailable(f"could not talk to CRIU ({self.binary}): {err}") from err
+        raise err  # a bug of ours: keep its traceback
+
+    def dump(self, pid: int, images_dir: Path, *, opts: DumpOptions | None = None,
+             timeout: float = 120.0, log_dir: Path | None = None) -> Path:
+        """Checkpoint the tree rooted at pid into images_dir (which must exist and be empty).
+
+        Returns the path of the CRIU log. The log is written into log_dir (default images_dir) so that a
+        failed dump can delete its images and still keep the log.
+        """
+        opts = opts or DumpOptions()
+        log_dir = log_dir or images_dir
+        img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+        log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
+        log_path = log_dir / "dump.log"
+        try:
+            with self._swrk((img_fd, log_fd)) as (client, proc):
+                o = client.opts
+                o.images_dir_fd = img_fd
+                o.work_dir_fd = log_fd
+                o.log_file = "dump.log"
+                o.log_level = opts.log_level
+                o.pid = pid
+                o.leave_running = opts.leave_running
+                o.shell_job = False
+                o.file_locks = True
+                o.tcp_close = opts.tcp_close
+                if opts.network_lock_skip:
+                    o.network_lock = 3  # criu_network_lock_method.SKIP
+                for ext in opts.external:
+                    o.external.append(ext)
+                if opts.ghost_limit is not None:
+                    o.ghost_limit = opts.ghost_limit
+                self._call("dump", lambda c: c.dump(), client, proc, timeout, log_path)
+        finally:
+            os.close(img_fd)
+            os.close(log_fd)
+        return log_path
+
+    def restore(self, images_dir: Path, *, opts: RestoreOptions | None = None,
+                timeout: float = 60.0, log_dir: Path) -> int:
+        """Restore the tree in images_dir (detached); returns the pid of its root in our namespace.
+
+        The restored root becomes our child once CRIU exits only if this process is a child subreaper
+        (see `become_subreaper`); otherwise it is reparented to init and cannot be waited for.
+        """
+        opts = opts or RestoreOptions()
+        img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+        log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
+        log_path = log_dir / "restore.log"
+        for fd in opts.inherit_fds.values():
+            os.set_inheritable(fd, True)  # else CRIU says "Can't fstat inherit fd"
+        try:
+            with self._swrk((img_fd, log_fd, *opts.inherit_fds.values())) as (client, proc):
+                o = client.opts
+                o.images_dir_fd = img_fd
+                o.work_dir_fd = log_fd
+                o.log_file = "restore.log"
+                o.log_level = opts.log_level
+                o.shell_job = False
+                o.file_locks = True
+                o.tcp_close = opts.tcp_close
+                o.rst_sibling = opts.rst_sibling
+                for key, fd in opts.inherit_fds.items():
+                    o.inherit_fd.add(key=key, fd=fd)
+                resp = self._call("restore", lambda c: c.restore(), client, proc, timeout, log_path)
+        finally:
+            os.close(img_fd)
+            os.close(log_fd)
+        return int(resp.pid)
+
+    def cpuinfo_dump(self, images_dir: Path) -> None:
+        """Record this node's CPU features (cpuinfo.img) next to a template's images."""
+        self._cpuinfo("cpuinfo-dump", images_dir)
+
+    def cpuinfo_check(self, images_dir: Path) -> None:
+        """Raise CriuFailed if this node's CPU lacks features recorded in images_dir/cpuinfo.img."""
+        self._cpuinfo("cpuinfo-check", images_dir)
+
+    def _cpuinfo(self, action: str, images_dir: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="pool-cpuinfo-") as tmp:
+            log = Path(tmp) / "cpuinfo.log"
+            res = self._run(["cpuinfo", action.split("-")[1], "-D", str(images_dir),
+                             "-o", str(log), "-v4"], timeout=30)
+            if res.returncode != 0:
+                text = log.read_text(errors="replace") if log.exists() else res.stderr
+                raise CriuFailed(f"cpuinfo {action.split('-')[1]}", f"exit status {res.returncode}",
+                                 log_tail=log_tail(text))
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of every restored copy (PR_SET_CHILD_SUBREAPER)."""
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        e = ctypes.get_errno()
+        raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (CRIU plus whatever it had half-restored)."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+
+
+def _drain(proc: subprocess.Popen) -> str:
+    if proc.stderr is None:
+        return ""
+    try:
+        proc.wait(timeout=5)
+        return log_tail(proc.stderr.read().decode(errors="replace"))
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        return ""
+
+
+def _read_tail(log_file: Path | None) -> str:
+    if log_file is None:
+        return ""
+    try:
+        return log_tail(log_file.read_text(errors="replace"))
+    except OSError:
+        return ""
+
+
+def _errno_text(code: int | None) -> str:
+    if not code:
+        return "CRIU reported failure"
+    name = errno_mod.errorcode.get(code, str(code))
+    return f"errno {code} ({name}: {os.strerror(code)})"
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-stop, idempotent set-up of a fresh machine for prewarm-pool: Debian packages, CRIU >= 4.2,
+# a virtualenv with the package and its test tools, pycriu importable in it.
+# Quick when nothing is to do. Called by `make setup` (and so by `make test`, `make demo`, `make bench`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+log() { echo "setup: $*" >&2; }
+
+[ "$(id -u)" = 0 ] || { log "error: run as root (CRIU needs root)"; exit 1; }
+
+# Debian packages the node needs: tini (PID 1 of every template), iproute2 (netns, veth), iptables
+# (silences CRIU's ip6tables-legacy-save noise), prometheus (the metrics test scrapes for real).
+DEBS="tini iproute2 iptables prometheus ${POOL_EXTRA_DEBS:-}"
+missing=""
+for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  log "installing Debian packages:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -qq update >/dev/null
+  # shellcheck disable=SC2086
+  apt-get -qq install -y --no-install-recommends $missing >/dev/null
+  # Debian's prometheus package starts a system server on :9090; our tests start their own.
+  if [[ " $missing " == *" prometheus "* ]]; then
+    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    pkill -x prometheus 2>/dev/null || true; pkill -x prometheus-node-exporter 2>/dev/null || true
+  fi
+fi
+
+scripts/install-criu.sh
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.pool-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing the package and its test tools into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+# pycriu ships with CRIU (Debian's python3-pycriu), not on PyPI: expose it to the venv.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "${POOL_CRIU_PREFIX:-/opt/prewarm-pool/criu}/python" >"$site/pool-pycriu.pth"
+"$VENV/bin/python" -c 'import pycriu' || { log "error: pycriu does not import in $VENV"; exit 1; }
