@@ -1,0 +1,62 @@
+"""The control channel between pool and an app: blocking, length-prefixed msgpack frames on pipe fds.
+
+Used by both sides: the in-app SDK (pool.runtime, pool/java/PoolRuntime.java) and the builder/restorer.
+Standard library and msgpack only, because applications import it.
+
+Messages: app -> pool `{"type": "ready", "pid", "runtime"}` then, in each restored copy,
+pool -> app `{"type": "identity", "instance_id", "env", "args", "hostname", "seed", "deadline"}` and
+app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "message"}`.
+"""
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+ENV_VAR = "POOL_CONTROL_FDS"  # "R,W": R read by the app, W written by the app
+MAX_CONTROL_FRAME = 1 << 20
+_LEN = struct.Struct(">I")
+
+
+class ControlError(Exception):
+    """The control channel broke: closed early, timed out or carried garbage."""
+
+
+def write_frame(fd: int, msg: dict[str, Any]) -> None:
+    data = msgpack.packb(msg, use_bin_type=True)
+    buf = memoryview(_LEN.pack(len(data)) + data)
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def read_frame(fd: int, deadline: float | None = None) -> dict[str, Any]:
+    """Read one frame; deadline is a time.monotonic() value (None: wait for ever)."""
+    (length,) = _LEN.unpack(_read_exact(fd, _LEN.size, deadline))
+    if length > MAX_CONTROL_FRAME:
+        raise ControlError(f"control frame of {length} bytes is over the {MAX_CONTROL_FRAME} limit")
+    try:
+        msg = msgpack.unpackb(_read_exact(fd, length, deadline), raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ControlError("control frame is not valid msgpack") from e
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ControlError(f"control message is not a map with a type: {msg!r:.80}")
+    return msg
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ControlError("timed out waiting on the control channel")
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise ControlError("control channel closed by the other side")
+        out += chunk
+    return bytes(out)

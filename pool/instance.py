@@ -1,0 +1,148 @@
+"""Instance: one restored copy of a template, as seen by whoever restored it.
+
+The copy's PID 1 (tini) is our child (we are a child subreaper), so we reap it and keep its exit
+status. A pidfd pins the process: signals never reach a recycled pid, and readiness of the pidfd
+tells that the copy has exited (usable from a select loop or asyncio's add_reader).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass
+class Instance:
+    id: str
+    template: str
+    build_id: str
+    pid: int                       # host pid of the copy's PID 1
+    pidfd: int
+    run_dir: Path                  # private dir with stdout.log, stderr.log
+    netns_fd: int                  # the copy's network namespace, kept open
+    sdk: bool
+    port: int | None = None        # the app's port inside its namespace
+    address: str | None = None     # host address it is published on, set by the port publisher
+    restore_s: float = 0.0
+    created: float = field(default_factory=time.time)
+    state: str = "warm"            # warm -> running -> exited | failed
+    path: str = "restore"          # which path served the spawn: warm | restore
+    exit_status: int | None = None
+    ctl_w: int | None = None       # pool -> app, until the identity is handed over
+    ctl_r: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    hostname: str | None = None
+
+    # -- life -------------------------------------------------------------------------------------
+    def poll(self) -> int | None:
+        """Reap the copy if it has exited; returns its exit status (negative: killed by signal)."""
+        if self.exit_status is not None:
+            return self.exit_status
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not our child (we were not a subreaper when it was restored): fall back to the pidfd.
+            if not select.select([self.pidfd], [], [], 0)[0]:
+                return None
+            status, pid = 0, self.pid
+        if pid == 0:
+            return None
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        if self.state != "failed":
+            self.state = "exited"
+        return self.exit_status
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            select.select([self.pidfd], [], [], 0.5 if left is None else min(left, 0.5))
+        return self.exit_status
+
+    def signal(self, sig: int) -> None:
+        if self.exit_status is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    def kill(self, grace: float = 3.0) -> int | None:
+        """SIGTERM (tini forwards it to the app's process group), then SIGKILL after grace seconds.
+
+        SIGKILL to PID 1 ends every process of the copy's pid namespace at once.
+        """
+        if self.poll() is None and grace > 0:
+            self.signal(signal.SIGTERM)
+            self.wait(grace)
+        if self.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.wait(10)
+        return self.exit_status
+
+    def close(self) -> None:
+        """Release fds and delete the copy's private files. The copy must have exited."""
+        for name in ("ctl_w", "ctl_r", "netns_fd", "pidfd"):
+            fd = getattr(self, name)
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None if name.startswith("ctl") else -1)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- output -----------------------------------------------------------------------------------
+    def log_path(self, stream: str) -> Path:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, not {stream!r}")
+        return self.run_dir / f"{stream}.log"
+
+    def read_log(self, stream: str = "stdout", offset: int = 0, limit: int = 65536) -> bytes:
+        try:
+            with open(self.log_path(stream), "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def output_tail(self, lines: int = 20) -> str:
+        out = []
+        for stream in STREAMS:
+            text = self.read_log(stream, 0, 1 << 20).decode(errors="replace").strip()
+            if text:
+                out.append("\n".join(text.splitlines()[-lines:]))
+        return "\n".join(out)
+
+    # -- figures ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """RSS, PSS and CPU seconds summed over the copy's processes."""
+        rss = pss = 0
+        cpu = 0.0
+        procs = 0
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    mem = p.memory_full_info()
+                    rss += mem.rss
+                    pss += getattr(mem, "pss", 0)
+                    t = p.cpu_times()
+                    cpu += t.user + t.system
+                    procs += 1
+        return {"rss_bytes": rss, "pss_bytes": pss, "cpu_s": round(cpu, 3), "processes": procs}
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "template": self.template, "build_id": self.build_id,
+                "pid": self.pid, "state": self.state, "path": self.path, "address": self.address,
+                "port": self.port, "exit_status": self.exit_status, "created": self.created,
+                "restore_s": round(self.restore_s, 6), "hostname": self.hostname,
+                "args": self.args, "env": self.env}

@@ -1,0 +1,242 @@
+"""Restore copies of a published template, each with its own identity, as a chain of small steps.
+
+    check compatibility -> verify image -> prepare per-copy files and pipes -> criu restore
+    -> validate the copy (alive, stdio really replaced) -> [later] hand over the identity
+
+Every step either completes or undoes what the steps before it made: a failed restore leaves no
+process, fd or file behind, and never touches the template. `restore()` returns a *warm* instance:
+restored and waiting for its identity; `hand_over()` gives it one. A spawn is both.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import control, netns
+from .criu import Criu, RestoreOptions, become_subreaper
+from .errors import CriuError, CriuFailed, Incompatible, RestoreError
+from .instance import Instance
+from .store import Store, Template
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes one copy itself (sent to SDK templates; hostname applies to all)."""
+
+    instance_id: str
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    hostname: str | None = None
+    seed: int = field(default_factory=lambda: secrets.randbits(63))
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(6)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+class Restorer:
+    """Restores templates from one store on this node. Thread-safe; restores may run concurrently."""
+
+    def __init__(self, store: Store, criu: Criu, run_dir: Path, *, restore_timeout: float = 60.0,
+                 verify: bool = True) -> None:
+        self.store = store
+        self.criu = criu
+        self.instances_dir = Path(run_dir) / "instances"
+        self.restore_timeout = restore_timeout
+        self.verify = verify
+        self._checked: set[str] = set()  # build ids known compatible and intact on this node
+        self._lock = threading.Lock()
+        become_subreaper()  # every copy becomes our child, to reap and to count
+
+    # -- step 1 and 2: is this image fit to restore here? --------------------------------------------
+    def check_compatible(self, template: Template) -> None:
+        m = template.manifest
+        here_arch = platform.machine()
+        if m.get("arch") != here_arch:
+            raise Incompatible(f"image is for {m.get('arch')}, this node is {here_arch}",
+                               template=template.name)
+        have, need = self.criu.version(), _version_tuple(str(m.get("criu_version", "")))
+        if (have.major, have.minor) < need:
+            raise Incompatible(f"image was dumped by CRIU {m.get('criu_version')}, this node has "
+                               f"CRIU {have}", template=template.name)
+        if _version_tuple(platform.release()) < _version_tuple(str(m.get("kernel", ""))):
+            raise Incompatible(f"image was dumped on kernel {m.get('kernel')}, this node runs the "
+                               f"older {platform.release()}", template=template.name)
+        try:
+            self.criu.cpuinfo_check(template.image_dir)
+        except CriuFailed as e:
+            raise Incompatible(f"this node's CPU lacks features the image uses: {e.log_tail}",
+                               template=template.name) from e
+
+    def prepare(self, name: str) -> Template:
+        """The template's current build, checked once per build id (sha256 of every file)."""
+        template = self.store.get(name)
+        if template.build_id not in self._checked:
+            self.check_compatible(template)
+            if self.verify:
+                template.verify(full=True)
+            with self._lock:
+                self._checked.add(template.build_id)
+        else:
+            template.verify(full=False)  # cheap: catches a truncated or replaced file
+        return template
+
+    # -- steps 3 to 5 ----------------------------------------------------------------------------
+    def restore(self, name: str, instance_id: str | None = None) -> Instance:
+        """Restore one warm copy of template name (identity not yet given)."""
+        template = self.prepare(name)
+        m = template.manifest
+        iid = instance_id or new_instance_id()
+        sdk = "ctl_in" in m["pipes"]
+        self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{iid}.", dir=self.instances_dir))
+        ours: list[int] = []      # fds we keep (control channel)
+        theirs: list[int] = []    # fds handed to CRIU, closed in any case once it is done
+        pid = -1
+        try:
+            inherit: dict[str, int] = {}
+            for stream in ("stdout", "stderr"):
+                fd = os.open(run_dir / f"{stream}.log",
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                theirs.append(fd)
+                inherit[f"pipe:[{m['pipes'][stream]}]"] = fd
+            ctl_w = ctl_r = None
+            if sdk:
+                r, ctl_w = os.pipe2(os.O_CLOEXEC)     # pool -> app
+                ours.append(ctl_w)
+                theirs.append(r)
+                inherit[f"pipe:[{m['pipes']['ctl_in']}]"] = r
+                ctl_r, w = os.pipe2(os.O_CLOEXEC)     # app -> pool
+                ours.append(ctl_r)
+                theirs.append(w)
+                inherit[f"pipe:[{m['pipes']['ctl_out']}]"] = w
+            t0 = time.monotonic()
+            try:
+                pid = self.criu.restore(template.image_dir, log_dir=run_dir,
+                                        timeout=self.restore_timeout,
+                                        opts=RestoreOptions(inherit_fds=inherit))
+            except CriuError as e:
+                raise RestoreError("restoring with CRIU", e.message) from e
+            took = time.monotonic() - t0
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+            pidfd = os.pidfd_open(pid)
+            try:
+                netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                os.close(pidfd)
+                raise
+            inst = Instance(id=iid, template=name, build_id=template.build_id, pid=pid,
+                            pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=sdk,
+                            port=(m["spec"].get("network") or {}).get("port"), restore_s=took,
+                            ctl_w=ctl_w, ctl_r=ctl_r)
+            ours.clear()  # the instance owns them now
+            pid = -1
+            try:
+                _validate(inst)
+            except RestoreError:
+                inst.kill(grace=0)
+                inst.close()
+                raise
+            with contextlib.suppress(OSError):
+                os.unlink(run_dir / "restore.log")
+            return inst
+        except BaseException:
+            if pid > 0:  # restored, but we failed before the Instance took it over
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            for fd in ours + theirs:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+    # -- step 6 ----------------------------------------------------------------------------------
+    def hand_over(self, inst: Instance, identity: Identity, timeout: float = 10.0) -> None:
+        """Give a warm copy its identity; the copy is killed and RestoreError raised if it fails."""
+        try:
+            if identity.hostname:
+                netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)
+            if inst.sdk:
+                _sdk_handshake(inst, identity, timeout)
+        except BaseException as e:
+            output = _tail_after_exit(inst)
+            inst.kill(grace=0)
+            inst.state = "failed"
+            inst.close()
+            if isinstance(e, RestoreError):
+                raise RestoreError(e.step, e.problem, output_tail=output) from e
+            if isinstance(e, (OSError, control.ControlError)):
+                raise RestoreError("handing over the identity", str(e), output_tail=output) from e
+            raise
+        inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
+        inst.state = "running"
+
+    def spawn(self, name: str, identity: Identity | None = None, timeout: float = 10.0) -> Instance:
+        identity = identity or Identity(new_instance_id())
+        inst = self.restore(name, instance_id=identity.instance_id)
+        self.hand_over(inst, identity, timeout)
+        return inst
+
+
+def _validate(inst: Instance) -> None:
+    """CRIU ignores an inherit-fd key that matches nothing: make sure stdio really is the copy's own."""
+    if inst.poll() is not None:
+        raise RestoreError("validating the copy", f"it exited at once with status {inst.exit_status}",
+                           output_tail=inst.output_tail())
+    try:
+        target = os.readlink(f"/proc/{inst.pid}/fd/1")
+    except OSError as e:
+        raise RestoreError("validating the copy", f"cannot read its stdout: {e.strerror}") from e
+    if target != str(inst.log_path("stdout")):
+        raise RestoreError("validating the copy",
+                           f"its stdout is {target}, not its own log: the image's stdio pipes do not "
+                           "match the manifest")
+
+
+def _sdk_handshake(inst: Instance, identity: Identity, timeout: float) -> None:
+    assert inst.ctl_w is not None and inst.ctl_r is not None
+    deadline = time.monotonic() + timeout
+    control.write_frame(inst.ctl_w, {
+        "type": "identity", "instance_id": identity.instance_id, "env": identity.env,
+        "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
+        "deadline": time.time() + timeout})
+    try:
+        reply = control.read_frame(inst.ctl_r, deadline)
+    except control.ControlError as e:
+        if inst.poll() is not None:
+            raise RestoreError("handing over the identity",
+                               f"the copy exited with status {inst.exit_status} before it acked") from e
+        if time.monotonic() >= deadline:
+            raise RestoreError("handing over the identity",
+                               f"the copy did not ack its identity within {timeout:g}s") from e
+        raise
+    if reply["type"] == "error":
+        raise RestoreError("handing over the identity",
+                           f"the copy's after_restore failed: {reply.get('message')}")
+    if reply["type"] != "ack" or reply.get("instance_id") != identity.instance_id:
+        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
+    for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
+        os.close(getattr(inst, name))
+        setattr(inst, name, None)
+
+
+def _tail_after_exit(inst: Instance) -> str:
+    inst.wait(0.2)  # a crashing copy's last words reach its log just before it dies
+    return inst.output_tail()

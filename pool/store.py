@@ -1,0 +1,206 @@
+"""The template store: atomic publish, manifests, integrity, private permissions.
+
+Layout (everything 0700 dirs / 0600 files: images hold process memory, secrets included):
+
+    STORE/NAME/current -> builds/BUILD_ID     swapped atomically by rename(2) of a new symlink
+    STORE/NAME/builds/BUILD_ID/manifest.json
+    STORE/NAME/builds/BUILD_ID/image/*.img    CRIU images + cpuinfo.img
+    STORE/.staging/...                        builds in progress; never read by restores
+
+A build stages into .staging and becomes visible only by the symlink swap, so a restore sees either
+the old complete template or the new complete one. One previous build is kept, because a restore
+that started before the swap may still be reading it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import TemplateCorrupt, TemplateNotFound
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+KEEP_PREVIOUS = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Template:
+    """A published template: its manifest and where its image is."""
+
+    name: str
+    build_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def image_dir(self) -> Path:
+        return self.build_dir / "image"
+
+    @property
+    def build_id(self) -> str:
+        return self.manifest["build_id"]
+
+    @property
+    def image_bytes(self) -> int:
+        return int(self.manifest["image_bytes"])
+
+    def verify(self, full: bool = True) -> None:
+        """Check every image file against the manifest: sizes always, sha256 when full."""
+        files: dict[str, dict[str, Any]] = self.manifest["files"]
+        present = {p.name for p in self.image_dir.iterdir()} if self.image_dir.is_dir() else set()
+        missing = sorted(set(files) - present)
+        if missing:
+            raise TemplateCorrupt(self.name, f"image file missing: {missing[0]}")
+        extra = sorted(present - set(files))
+        if extra:
+            raise TemplateCorrupt(self.name, f"unexpected file in image: {extra[0]}")
+        for rel, meta in files.items():
+            path = self.image_dir / rel
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise TemplateCorrupt(self.name, f"{rel} is {size} bytes, manifest says {meta['size']}")
+            if full and sha256_file(path) != meta["sha256"]:
+                raise TemplateCorrupt(self.name, f"{rel} does not match its sha256 in the manifest")
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if _NAME_RE.match(p.name) and (p / "current").is_symlink())
+
+    def get(self, name: str) -> Template:
+        link = self.root / name / "current"
+        if not _NAME_RE.match(name) or not link.is_symlink():
+            raise TemplateNotFound(name, where=str(self.root))
+        build_dir = link.resolve()  # pin this build: a later swap does not move us
+        try:
+            manifest = json.loads((build_dir / MANIFEST).read_text())
+        except FileNotFoundError as e:
+            raise TemplateCorrupt(name, f"no {MANIFEST} in {build_dir}") from e
+        except json.JSONDecodeError as e:
+            raise TemplateCorrupt(name, f"{MANIFEST} is not valid JSON: {e.msg}") from e
+        if manifest.get("format") != FORMAT or manifest.get("name") != name:
+            raise TemplateCorrupt(name, f"{MANIFEST} has format {manifest.get('format')!r} "
+                                        f"and name {manifest.get('name')!r}")
+        return Template(name=name, build_dir=build_dir, manifest=manifest)
+
+    def all(self) -> Iterator[Template]:
+        for name in self.names():
+            with contextlib.suppress(TemplateNotFound, TemplateCorrupt):
+                yield self.get(name)
+
+    # -- writing -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self, name: str) -> Iterator[Path]:
+        """A private directory to build into; removed on exit unless it was published."""
+        self._ensure_root()
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(exist_ok=True, mode=0o700)
+        path = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
+        """Seal staged (manifest, 0600 files) and make it NAME's current build atomically."""
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad template name {name!r}")
+        manifest = {**manifest, "format": FORMAT, "name": name}
+        image = staged / "image"
+        files = {}
+        for p in sorted(image.iterdir()):
+            os.chmod(p, 0o600)
+            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        manifest["files"] = files
+        manifest["image_bytes"] = sum(f["size"] for f in files.values())
+        _write_private(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for d in (staged, image):
+            os.chmod(d, 0o700)
+        _fsync_tree(staged)
+
+        tdir = self.root / name
+        builds = tdir / "builds"
+        builds.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(tdir, 0o700)
+        final = builds / manifest["build_id"]
+        os.rename(staged, final)
+        tmp_link = tdir / f".current.{os.getpid()}.{time.monotonic_ns()}"
+        os.symlink(Path("builds") / final.name, tmp_link)
+        os.rename(tmp_link, tdir / "current")  # the point of publication
+        _fsync_dir(tdir)
+        self._prune(tdir, keep=final.name)
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        tdir = self.root / name
+        if not _NAME_RE.match(name) or not (tdir / "current").is_symlink():
+            raise TemplateNotFound(name, where=str(self.root))
+        # Unpublish first (atomic), then delete the files.
+        os.unlink(tdir / "current")
+        shutil.rmtree(tdir, ignore_errors=True)
+
+    def _prune(self, tdir: Path, keep: str) -> None:
+        builds = sorted((p for p in (tdir / "builds").iterdir() if p.name != keep),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in builds[KEEP_PREVIOUS:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def new_build_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
