@@ -1,0 +1,390 @@
+"""Template spec: read `templates/NAME/template.toml` into a frozen, validated `Spec`.
+
+Every problem is a SpecError naming the file and the dotted field (e.g. "ready.tcp"), so a user can
+fix the spec without reading this code. Nothing is run or probed here; only `cwd` is checked to exist.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+import shlex
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+from urllib.parse import urlsplit
+
+from pool.errors import SpecError, TemplateNotFound
+
+TOML_NAME = "template.toml"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63 chars"
+READY_MODES = ("sdk", "tcp", "http", "stdout", "delay")
+NETWORK_MODES = ("none", "isolated")
+WARMUP_METHODS = ("GET", "POST")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+ID_LEN = 12  # length of an instance id, which replaces "{id}" in restore.hostname
+
+HOST_MODE_PROBLEM = (
+    'mode = "host" is not supported: copies restored into one network namespace would share the '
+    "listening socket, so one copy would take every connection and another be silently starved; "
+    'use "isolated" (each copy gets its own network namespace, its port published on 127.0.0.1)')
+
+_TOP_KEYS = ("name", "command", "cwd", "description", "env", "ready", "warmup", "network",
+             "checkpoint", "restore")
+_READY_KEYS = READY_MODES + ("timeout", "interval")
+_WARMUP_KEYS = ("http", "repeat", "timeout", "method", "body")
+_NETWORK_KEYS = ("mode", "port")
+_CHECKPOINT_KEYS = ("leave_running", "tcp_close", "ghost_limit")
+_RESTORE_KEYS = ("identity_timeout", "hostname")
+_REQUIRED: Any = object()
+
+
+# --- the parsed spec ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    mode: str          # one of READY_MODES
+    value: object      # sdk: True, tcp: int port, http: str URL, stdout: str regex, delay: float seconds
+    timeout: float
+    interval: float
+
+
+@dataclass(frozen=True)
+class Warmup:
+    urls: tuple[str, ...]
+    repeat: int
+    timeout: float
+    method: str
+    body: str | None
+
+
+@dataclass(frozen=True)
+class Network:
+    mode: str          # "none" | "isolated"
+    port: int | None   # the app's port, published on the host when isolated
+
+
+@dataclass(frozen=True)
+class CheckpointOpts:
+    leave_running: bool
+    tcp_close: bool
+    ghost_limit: int | None
+
+
+@dataclass(frozen=True)
+class RestoreOpts:
+    identity_timeout: float
+    hostname: str | None   # may contain "{id}", replaced by the instance id
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    dir: Path
+    path: Path
+    command: tuple[str, ...]
+    cwd: Path
+    env: tuple[tuple[str, str], ...]
+    description: str
+    ready: Ready
+    warmup: Warmup | None
+    network: Network
+    checkpoint: CheckpointOpts
+    restore: RestoreOpts
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Hash the parsed, defaulted values, so reformatting the file never looks like a change.
+        canonical = json.dumps(self._body(), sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).hexdigest())
+
+    @property
+    def sdk(self) -> bool:
+        return self.ready.mode == "sdk"
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._body(), "digest": self.digest}
+
+    def _body(self) -> dict[str, Any]:
+        warmup = None if self.warmup is None else {**asdict(self.warmup), "urls": list(self.warmup.urls)}
+        return {
+            "name": self.name, "dir": str(self.dir), "path": str(self.path),
+            "command": list(self.command), "cwd": str(self.cwd), "env": dict(self.env),
+            "description": self.description, "ready": asdict(self.ready), "warmup": warmup,
+            "network": asdict(self.network), "checkpoint": asdict(self.checkpoint),
+            "restore": asdict(self.restore),
+        }
+
+
+# --- typed fields ------------------------------------------------------------------------------------
+def _type_name(v: object) -> str:
+    names = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "table"}
+    if isinstance(v, list) and v:
+        odd = next((x for x in v if not isinstance(x, str)), None)
+        if odd is not None:
+            return f"a list containing {_type_name(odd)}"
+    return names.get(type(v), type(v).__name__)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int in Python, not in TOML
+
+
+# kind -> (what was expected, test, conversion)
+_KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    "str": ("a string", lambda v: isinstance(v, str), str),
+    "int": ("an integer", _is_int, int),
+    "float": ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    "bool": ("true or false", lambda v: isinstance(v, bool), bool),
+    "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
+    "table": ("a table", lambda v: isinstance(v, dict), dict),
+}
+
+Check = Callable[[Any], "str | None"]  # returns a problem, or None when the value is fine
+
+
+class _Table:
+    """One TOML table being read; knows its dotted name so every error points at the field."""
+
+    def __init__(self, path: Path, data: dict, prefix: str, keys: tuple[str, ...] | None) -> None:
+        self.path, self.data, self.prefix = path, data, prefix
+        for key in data if keys is not None else ():
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(keys)
+                self.fail(key, f"unknown key {key!r}; {hint}")
+
+    def name_of(self, key: str | None) -> str | None:
+        if key is None:
+            return self.prefix or None
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str | None, problem: str) -> NoReturn:
+        raise SpecError(str(self.path), self.name_of(key), problem)
+
+    def get(self, key: str, kind: str, default: Any = _REQUIRED, check: Check | None = None) -> Any:
+        expected, test, convert = _KINDS[kind]
+        if key not in self.data:
+            if default is _REQUIRED:
+                self.fail(key, f"required, expected {expected}")
+            return default
+        value = self.data[key]
+        if not test(value):
+            self.fail(key, f"expected {expected}, got {_type_name(value)}")
+        value = convert(value)
+        if check is not None and (problem := check(value)):
+            self.fail(key, problem)
+        return value
+
+    def table(self, key: str, keys: tuple[str, ...] | None) -> _Table | None:
+        data = self.get(key, "table", None)
+        return None if data is None else _Table(self.path, data, f"{self.prefix}.{key}".lstrip("."), keys)
+
+
+# --- value checks ------------------------------------------------------------------------------------
+def _positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else f"must be greater than 0, got {v}"
+
+
+def _at_least(n: int) -> Check:
+    return lambda v: None if v >= n else f"must be at least {n}, got {v}"
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"must be a port number 1..65535, got {v}"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda v: None if v in choices else f"expected one of {', '.join(map(repr, choices))}, got {v!r}"
+
+
+def _name(v: str) -> str | None:
+    return None if NAME_RE.fullmatch(v) else f"{v!r} is not a valid name: {NAME_RULE}"
+
+
+def _command(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "must not be empty: the program and its arguments"
+    empty = [i for i, s in enumerate(v) if not s]
+    return f"item {empty[0]} is an empty string" if empty else None
+
+
+def _url(v: str) -> str | None:
+    try:
+        u = urlsplit(v)
+        port = u.port  # raises ValueError on a bad port
+    except ValueError as e:
+        return f"{v!r} is not a valid URL: {e}"
+    if u.scheme != "http" or not u.hostname:
+        return f"must be an http:// URL, got {v!r}"
+    if u.hostname not in LOOPBACK_HOSTS:
+        # probes and warmup talk to the copy's own loopback, never to another host
+        return f"host must be 127.0.0.1 or localhost, got {u.hostname!r} in {v!r}"
+    return f"{v!r} has port 0" if port == 0 else None
+
+
+def _urls(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "must list at least one URL"
+    return next((p for p in map(_url, v) if p), None)
+
+
+def _regex(v: str) -> str | None:
+    if not v:
+        return "must not be empty (it would match any line)"
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"not a valid regular expression: {e}"
+    return None
+
+
+def _sdk(v: bool) -> str | None:
+    return None if v else "set sdk = true, or leave it out and pick another mode"
+
+
+def _network_mode(v: str) -> str | None:
+    return HOST_MODE_PROBLEM if v == "host" else _one_of(NETWORK_MODES)(v)
+
+
+def _hostname(v: str) -> str | None:
+    filled = v.replace("{id}", "x" * ID_LEN)
+    if not re.fullmatch(r"[A-Za-z0-9.{}-]+", v) or "{" in filled or "}" in filled:
+        return f"may only contain letters, digits, '.', '-' and the placeholder {{id}}, got {v!r}"
+    if len(filled) > 63:
+        return f"is {len(filled)} chars with {{id}} filled in ({ID_LEN} chars); at most 63"
+    return None
+
+
+def _url_port(url: str) -> int:
+    return urlsplit(url).port or 80
+
+
+_READY_VALUE: dict[str, tuple[str, Check]] = {
+    "sdk": ("bool", _sdk), "tcp": ("int", _port), "http": ("str", _url),
+    "stdout": ("str", _regex), "delay": ("float", _positive),
+}
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a template; `path` is the template folder or its template.toml."""
+    p = Path(path).expanduser()
+    toml = p if p.is_file() else p / TOML_NAME
+    toml = toml.resolve()
+    if not toml.is_file():
+        raise SpecError(str(toml.parent), None, f"no {TOML_NAME} here")
+    try:
+        with open(toml, "rb") as f:
+            raw = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(str(toml), None, f"not valid TOML: {e}") from e
+    except OSError as e:
+        raise SpecError(str(toml), None, f"cannot read: {e.strerror}") from e
+    return _parse(toml, raw)
+
+
+def _parse(toml: Path, raw: dict) -> Spec:
+    folder = toml.parent
+    top = _Table(toml, raw, "", _TOP_KEYS)
+    empty = lambda prefix: _Table(toml, {}, prefix, ())  # noqa: E731 - an absent table reads as defaults
+
+    name = top.get("name", "str", None, _name)
+    if name is None:
+        name = folder.name
+        if _name(name):
+            top.fail("name", f"not given, and the folder name {name!r} is not a valid name "
+                             f"({NAME_RULE}); set name = \"...\"")
+
+    if isinstance(raw.get("command"), str):
+        try:
+            argv = shlex.split(raw["command"])
+        except ValueError:
+            argv = [raw["command"]]
+        top.fail("command", f"expected a list of strings, got string; use a list: command = {json.dumps(argv)}")
+    command = top.get("command", "strs", check=_command)
+
+    cwd = (folder / top.get("cwd", "str", ".")).resolve()
+    if not cwd.is_dir():
+        top.fail("cwd", f"{cwd} {'is not a directory' if cwd.exists() else 'does not exist'}")
+
+    env_table = top.table("env", None) or empty("env")
+    env = tuple(sorted((k, env_table.get(k, "str")) for k in env_table.data))
+    for k, v in env:
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            env_table.fail(k, "not a valid environment variable (empty name, '=' in the name, or a NUL byte)")
+
+    rt = top.table("ready", _READY_KEYS)
+    if rt is None:
+        top.fail("ready", "missing [ready] table: say how to tell the app has booted, with one of "
+                          + ", ".join(READY_MODES))
+    given = [m for m in READY_MODES if m in rt.data]
+    if len(given) != 1:
+        rt.fail(None, f"give exactly one readiness mode ({', '.join(READY_MODES)}), got "
+                      + (", ".join(given) if given else "none"))
+    kind, check = _READY_VALUE[given[0]]
+    ready = Ready(mode=given[0], value=rt.get(given[0], kind, check=check),
+                  timeout=rt.get("timeout", "float", 120.0, _positive),
+                  interval=rt.get("interval", "float", 0.05, _positive))
+
+    wt = top.table("warmup", _WARMUP_KEYS)
+    warmup = None if wt is None else Warmup(
+        urls=wt.get("http", "strs", check=_urls),
+        repeat=wt.get("repeat", "int", 1, _at_least(1)),
+        timeout=wt.get("timeout", "float", 10.0, _positive),
+        method=wt.get("method", "str", "GET", _one_of(WARMUP_METHODS)),
+        body=wt.get("body", "str", None))
+
+    nt = top.table("network", _NETWORK_KEYS) or empty("network")
+    network = Network(mode=nt.get("mode", "str", "none", _network_mode), port=nt.get("port", "int", None, _port))
+    if network.mode == "isolated" and network.port is None:
+        nt.fail("port", 'required with mode = "isolated": the port the app listens on, published on the host')
+    if network.mode == "none" and network.port is not None:
+        nt.fail("port", 'only used with mode = "isolated"; with mode = "none" nothing is published')
+    if network.mode == "isolated" and ready.mode in ("tcp", "http"):
+        # the probe reaches the app through the published port, so it must be the same one
+        probed = ready.value if ready.mode == "tcp" else _url_port(str(ready.value))
+        if probed != network.port:
+            rt.fail(ready.mode, f"probes port {probed} but network.port is {network.port}; "
+                                'with mode = "isolated" they must be the same')
+
+    ct = top.table("checkpoint", _CHECKPOINT_KEYS) or empty("checkpoint")
+    checkpoint = CheckpointOpts(leave_running=ct.get("leave_running", "bool", False),
+                                tcp_close=ct.get("tcp_close", "bool", False),
+                                ghost_limit=ct.get("ghost_limit", "int", None, _at_least(0)))
+
+    st = top.table("restore", _RESTORE_KEYS) or empty("restore")
+    if "identity_timeout" in st.data and ready.mode != "sdk":
+        st.fail("identity_timeout", "only used by sdk templates (ready.sdk = true): "
+                                    "no other app acknowledges its identity")
+    restore = RestoreOpts(identity_timeout=st.get("identity_timeout", "float", 10.0, _positive),
+                          hostname=st.get("hostname", "str", None, _hostname))
+
+    return Spec(name=name, dir=folder, path=toml, command=command, cwd=cwd, env=env,
+                description=top.get("description", "str", ""), ready=ready, warmup=warmup,
+                network=network, checkpoint=checkpoint, restore=restore)
+
+
+def find_template_dir(name_or_path: str, search: list[Path]) -> Path:
+    """The template folder for a path (folder or its template.toml) or a name looked up in `search`."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.name == TOML_NAME:
+        return p.parent.resolve()
+    # A bare name is only taken as a folder here when it holds a template, so a stray local folder
+    # named like a template does not shadow the search path.
+    path_like = "/" in name_or_path or name_or_path.startswith(".")
+    if p.is_dir() and (path_like or (p / TOML_NAME).is_file()):
+        return p.resolve()
+    if path_like:
+        raise TemplateNotFound(name_or_path)
+    for d in search:
+        if (Path(d) / name_or_path / TOML_NAME).is_file():
+            return (Path(d) / name_or_path).resolve()
+    raise TemplateNotFound(name_or_path, where=", ".join(map(str, search)) or None)
