@@ -56,7 +56,6 @@ def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quie
     criu_version = criu.version()
     with st.staging(spec.name) as staged:
         image = staged / "image"
-        image.mkdir(mode=0o700)
         progress(f"booting {spec.name}: {' '.join(spec.command)}")
         app = _boot(spec, echo)
         try:

@@ -12,6 +12,7 @@ import errno as errno_mod
 import os
 import re
 import shutil
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,6 +184,10 @@ class Criu:
             try:
                 yield client, proc
             finally:
+                # pycriu dups our fd and closes the dup only on success: close it on every path.
+                dup = getattr(client._comm, "sk", None)
+                if dup is not None:
+                    dup.close()
                 if proc.poll() is None:
                     try:
                         proc.wait(timeout=5)
@@ -233,14 +238,22 @@ class Criu:
         raise err  # a bug of ours: keep its traceback
 
     def dump(self, pid: int, images_dir: Path, *, opts: DumpOptions | None = None,
-             timeout: float = 120.0, log_dir: Path | None = None) -> Path:
-        """Checkpoint the tree rooted at pid into images_dir (which must exist and be empty).
+             timeout: float = 120.0, log_dir: Path) -> Path:
+        """Checkpoint the tree rooted at pid into images_dir, which this call creates (0700).
 
-        Returns the path of the CRIU log. The log is written into log_dir (default images_dir) so that a
-        failed dump can delete its images and still keep the log.
+        The log goes to log_dir, so that a failed dump removes images_dir entirely and still keeps
+        its log. Returns the log's path.
         """
         opts = opts or DumpOptions()
-        log_dir = log_dir or images_dir
+        images_dir.mkdir(mode=0o700)
+        try:
+            return self._dump(pid, images_dir, opts, timeout, log_dir)
+        except BaseException:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            raise
+
+    def _dump(self, pid: int, images_dir: Path, opts: DumpOptions, timeout: float,
+              log_dir: Path) -> Path:
         img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
         log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
         log_path = log_dir / "dump.log"

@@ -40,7 +40,8 @@ class PortProxy:
         loop = asyncio.get_running_loop()
         a_writer = None
         try:
-            sock = await loop.run_in_executor(None, netns.socket_in, self.netns_fd)
+            # A thread joins the namespace for ~0.1 ms; not via an executor that could be full.
+            sock = netns.socket_in(self.netns_fd)
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, ("127.0.0.1", self.port))

@@ -1,0 +1,84 @@
+"""Shared fixtures. Integration tests run real CRIU on real processes; every test is checked for leaks:
+no stray child process, zombie, tini tree, network namespace, veth, temp dir or fd of ours survives it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _fds() -> set[str]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{name}->{os.readlink(f'/proc/self/fd/{name}')}")
+        except OSError:
+            pass
+    return out
+
+
+def _netns() -> set[str]:
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+
+
+def _links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def _tinis() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tini"}
+
+
+def _tmp_entries() -> set[str]:
+    return {p.name for p in Path("/tmp").iterdir() if p.name.startswith("pool-") and not p.name.startswith("pool-test-session")}
+
+
+def snapshot() -> dict[str, set]:
+    return {"child processes": _children(), "fds": _fds(), "network namespaces": _netns(),
+            "network links": _links(), "tini processes": _tinis(), "pool temp dirs": _tmp_entries()}
+
+
+def leaks(before: dict[str, set], settle: float = 5.0) -> dict[str, set]:
+    """What exists now that did not before; waits up to settle seconds for exits to finish."""
+    deadline = time.monotonic() + settle
+    while True:
+        now = snapshot()
+        new = {k: now[k] - before[k] for k in now if now[k] - before[k]}
+        if not new or time.monotonic() > deadline:
+            return new
+        time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail any test that leaves processes, zombies, namespaces, links, temp dirs or fds behind."""
+    if request.node.get_closest_marker("leaks_ok"):
+        yield
+        return
+    before = snapshot()
+    yield
+    new = leaks(before)
+    if new:
+        # Clean up so one leak does not fail every later test, then report it.
+        for pid in new.get("child processes", set()) | new.get("tini processes", set()):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"test leaked: {new}", pytrace=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "leaks_ok: skip the leak check (for session fixtures only)")

@@ -1,0 +1,60 @@
+"""Fixtures for integration tests: a real CRIU, a private store and run dir per test session."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pool.criu import Criu
+from pool.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "templates"
+
+
+@pytest.fixture(scope="session")
+def criu() -> Criu:
+    return Criu.locate()  # no skip: `make test` installs CRIU, so its absence is a failure
+
+
+@pytest.fixture(scope="session")
+def session_dir():
+    d = Path(tempfile.mkdtemp(prefix="pool-test-session-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def session_store(session_dir) -> Store:
+    """A store shared by tests that only read templates (built once per session)."""
+    return Store(session_dir / "store")
+
+
+@pytest.fixture(scope="session")
+def built(session_store, criu):
+    """Build a template from templates/ once per session: built('py-hello') -> Template."""
+    from pool.build import build
+    from pool.spec import load_spec
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build(load_spec(TEMPLATES / name), session_store, criu).template
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def restorer(session_store, criu, tmp_path):
+    from pool.restore import Restorer
+
+    return Restorer(session_store, criu, tmp_path / "run")
