@@ -43,6 +43,8 @@ class Instance:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     hostname: str | None = None
+    identity_timeout: float = 10.0     # the template's restore.identity_timeout
+    hostname_pattern: str | None = None  # the template's restore.hostname ("{id}": instance id)
 
     # -- life -------------------------------------------------------------------------------------
     def poll(self) -> int | None:

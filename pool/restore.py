@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import control, netns
@@ -101,6 +101,7 @@ class Restorer:
         m = template.manifest
         iid = instance_id or new_instance_id()
         sdk = "ctl_in" in m["pipes"]
+        restore_spec = m["spec"].get("restore") or {}
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{iid}.", dir=self.instances_dir))
         ours: list[int] = []      # fds we keep (control channel)
@@ -143,7 +144,9 @@ class Restorer:
             inst = Instance(id=iid, template=name, build_id=template.build_id, pid=pid,
                             pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=sdk,
                             port=(m["spec"].get("network") or {}).get("port"), restore_s=took,
-                            ctl_w=ctl_w, ctl_r=ctl_r)
+                            ctl_w=ctl_w, ctl_r=ctl_r,
+                            identity_timeout=float(restore_spec.get("identity_timeout") or 10.0),
+                            hostname_pattern=restore_spec.get("hostname"))
             ours.clear()  # the instance owns them now
             pid = -1
             try:
@@ -168,8 +171,17 @@ class Restorer:
             raise
 
     # -- step 6 ----------------------------------------------------------------------------------
-    def hand_over(self, inst: Instance, identity: Identity, timeout: float = 10.0) -> None:
-        """Give a warm copy its identity; the copy is killed and RestoreError raised if it fails."""
+    def hand_over(self, inst: Instance, identity: Identity, timeout: float | None = None) -> None:
+        """Give a warm copy its identity; the copy is killed and RestoreError raised if it fails.
+
+        timeout defaults to the template's restore.identity_timeout; the hostname to its
+        restore.hostname pattern ("{id}" is the instance id), else the template's own.
+        """
+        if timeout is None:
+            timeout = inst.identity_timeout
+        if identity.hostname is None and inst.hostname_pattern:
+            identity = replace(identity,
+                               hostname=inst.hostname_pattern.replace("{id}", identity.instance_id))
         try:
             if identity.hostname:
                 netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)
@@ -188,7 +200,8 @@ class Restorer:
         inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
         inst.state = "running"
 
-    def spawn(self, name: str, identity: Identity | None = None, timeout: float = 10.0) -> Instance:
+    def spawn(self, name: str, identity: Identity | None = None,
+              timeout: float | None = None) -> Instance:
         identity = identity or Identity(new_instance_id())
         inst = self.restore(name, instance_id=identity.instance_id)
         self.hand_over(inst, identity, timeout)
@@ -231,6 +244,86 @@ def _sdk_handshake(inst: Instance, identity: Identity, timeout: float) -> None:
         raise RestoreError("handing over the identity",
                            f"the copy's after_restore failed: {reply.get('message')}")
     if reply["type"] != "ack" or reply.get("instance_id") != identity.instance_id:
+        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
+    for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
+        os.close(getattr(inst, name))
+        setattr(inst, name, None)
+
+
+async def hand_over_async(inst: Instance, identity: Identity, timeout: float = 10.0) -> None:
+    """hand_over() for asyncio callers (the service's warm path): the ack is awaited with
+    loop.add_reader instead of a blocking read, so no thread hop. On failure it raises RestoreError
+    and leaves the copy to the caller, who must kill and close it (it may be watching its pidfd)."""
+    try:
+        if identity.hostname:
+            netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)  # one short thread
+        if inst.sdk:
+            await _sdk_handshake_async(inst, identity, timeout)
+    except (OSError, control.ControlError) as e:
+        raise RestoreError("handing over the identity", str(e)) from e
+    inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
+    inst.state = "running"
+
+
+async def _sdk_handshake_async(inst: Instance, identity: Identity, timeout: float) -> None:
+    """_sdk_handshake with the same frames (control.py's format), reading the ack without blocking."""
+    import asyncio  # noqa: PLC0415  (only async callers pay for it)
+
+    import msgpack  # noqa: PLC0415
+
+    assert inst.ctl_w is not None and inst.ctl_r is not None
+    control.write_frame(inst.ctl_w, {  # small frame into an empty pipe: does not block
+        "type": "identity", "instance_id": identity.instance_id, "env": identity.env,
+        "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
+        "deadline": time.time() + timeout})
+    fd = inst.ctl_r
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    buf = bytearray()
+
+    async def read_exact(n: int) -> bytes:
+        while len(buf) < n:
+            try:
+                chunk = os.read(fd, n - len(buf))
+            except BlockingIOError:
+                readable.clear()
+                await readable.wait()
+                continue
+            if not chunk:
+                raise control.ControlError("control channel closed by the copy")
+            buf.extend(chunk)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    try:
+        async with asyncio.timeout(timeout):
+            (length,) = control._LEN.unpack(await read_exact(control._LEN.size))
+            if length > control.MAX_CONTROL_FRAME:
+                raise control.ControlError(f"control frame of {length} bytes is over the limit")
+            payload = await read_exact(length)
+    except TimeoutError as e:
+        raise RestoreError("handing over the identity",
+                           f"the copy did not ack its identity within {timeout:g}s") from e
+    except control.ControlError as e:
+        if inst.poll() is not None:
+            raise RestoreError("handing over the identity",
+                               f"the copy exited with status {inst.exit_status} before it acked") from e
+        raise
+    finally:
+        loop.remove_reader(fd)
+    try:
+        reply = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise control.ControlError("control frame is not valid msgpack") from e
+    if not isinstance(reply, dict):
+        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
+    if reply.get("type") == "error":
+        raise RestoreError("handing over the identity",
+                           f"the copy's after_restore failed: {reply.get('message')}")
+    if reply.get("type") != "ack" or reply.get("instance_id") != identity.instance_id:
         raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
     for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
         os.close(getattr(inst, name))

@@ -38,7 +38,7 @@ _TOP_KEYS = ("name", "command", "cwd", "description", "env", "ready", "warmup", 
 _READY_KEYS = READY_MODES + ("timeout", "interval")
 _WARMUP_KEYS = ("http", "repeat", "timeout", "method", "body")
 _NETWORK_KEYS = ("mode", "port")
-_CHECKPOINT_KEYS = ("leave_running", "tcp_close", "ghost_limit")
+_CHECKPOINT_KEYS = ("tcp_close", "ghost_limit")
 _RESTORE_KEYS = ("identity_timeout", "hostname")
 _REQUIRED: Any = object()
 
@@ -69,7 +69,6 @@ class Network:
 
 @dataclass(frozen=True)
 class CheckpointOpts:
-    leave_running: bool
     tcp_close: bool
     ghost_limit: int | None
 
@@ -356,8 +355,7 @@ def _parse(toml: Path, raw: dict) -> Spec:
                                 'with mode = "isolated" they must be the same')
 
     ct = top.table("checkpoint", _CHECKPOINT_KEYS) or empty("checkpoint")
-    checkpoint = CheckpointOpts(leave_running=ct.get("leave_running", "bool", False),
-                                tcp_close=ct.get("tcp_close", "bool", False),
+    checkpoint = CheckpointOpts(tcp_close=ct.get("tcp_close", "bool", False),
                                 ghost_limit=ct.get("ghost_limit", "int", None, _at_least(0)))
 
     st = top.table("restore", _RESTORE_KEYS) or empty("restore")

@@ -55,7 +55,6 @@ FULL = """
     port = 8080
 
     [checkpoint]
-    leave_running = true
     tcp_close = true
     ghost_limit = 1048576
 
@@ -80,7 +79,7 @@ def test_full_spec(tmp_path):
     assert s.warmup.urls == ("http://localhost:8080/", "http://127.0.0.1:8080/x")
     assert (s.warmup.repeat, s.warmup.timeout, s.warmup.method, s.warmup.body) == (3, 2.5, "POST", "{}")
     assert (s.network.mode, s.network.port) == ("isolated", 8080)
-    assert (s.checkpoint.leave_running, s.checkpoint.tcp_close, s.checkpoint.ghost_limit) == (True, True, 1048576)
+    assert (s.checkpoint.tcp_close, s.checkpoint.ghost_limit) == (True, 1048576)
     assert s.restore.hostname == "web-{id}" and s.restore.identity_timeout == 10.0
     assert not s.sdk
     d2 = s.to_dict()
@@ -95,7 +94,7 @@ def test_minimal_spec_defaults(tmp_path):
     assert s.ready == Ready("sdk", True, 120.0, 0.05) and s.sdk
     assert s.warmup is None
     assert (s.network.mode, s.network.port) == ("none", None)
-    assert (s.checkpoint.leave_running, s.checkpoint.tcp_close, s.checkpoint.ghost_limit) == (False, False, None)
+    assert (s.checkpoint.tcp_close, s.checkpoint.ghost_limit) == (False, None)
     assert (s.restore.identity_timeout, s.restore.hostname) == (10.0, None)
     assert len(s.digest) == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -224,7 +223,7 @@ CASES = [
     (C + '[ready]\nhttp = "http://localhost:81/"\n[network]\nmode = "isolated"\nport = 80\n',
      "ready.http", "probes port 81"),
     # checkpoint
-    (C + R + '[checkpoint]\nleave_running = "yes"\n', "checkpoint.leave_running", "expected true or false, got string"),
+    (C + R + '[checkpoint]\ntcp_close = "yes"\n', "checkpoint.tcp_close", "expected true or false, got string"),
     (C + R + "[checkpoint]\ntcp_close = 1\n", "checkpoint.tcp_close", "expected true or false, got int"),
     (C + R + "[checkpoint]\nghost_limit = -1\n", "checkpoint.ghost_limit", "at least 0"),
     (C + R + '[checkpoint]\nghost_limit = "1M"\n', "checkpoint.ghost_limit", "expected an integer, got string"),
@@ -241,7 +240,7 @@ CASES = [
     (C + "[reddy]\nsdk = true\n", "reddy", "did you mean 'ready'?"),
     (C + "[ready]\nsdk = true\ntimout = 5\n", "ready.timout", "did you mean 'timeout'?"),
     (C + R + "[network]\nports = 80\n", "network.ports", "did you mean 'port'?"),
-    (C + R + "[checkpoint]\nzzz = 1\n", "checkpoint.zzz", "known keys: leave_running, tcp_close, ghost_limit"),
+    (C + R + "[checkpoint]\nzzz = 1\n", "checkpoint.zzz", "known keys: tcp_close, ghost_limit"),
 ]
 
 
@@ -280,7 +279,6 @@ def test_digest_stable_under_order_and_whitespace(tmp_path):
         [checkpoint]
         ghost_limit = 1_048_576
         tcp_close = true
-        leave_running = true
         [network]
         port = 8080
         mode = "isolated"
