@@ -188,7 +188,8 @@ def from_wire(err: dict[str, Any]) -> PoolError:
             exc = PoolError.__new__(cls)
             PoolError.__init__(exc, message, **data)
             for k, v in data.items():
-                setattr(exc, k, v)
+                if not hasattr(cls, k):  # never shadow methods or BaseException.args
+                    setattr(exc, k, v)
             return exc
     exc = RemoteError(message, **data)
     exc.code = str(code)

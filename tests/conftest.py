@@ -37,8 +37,16 @@ def _links() -> set[str]:
     return set(os.listdir("/sys/class/net"))
 
 
+_STARTED = time.time()
+
+
 def _tinis() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tini"}
+    """tini processes of ours: descendants of this test process, or orphans born after it started
+    (a copy that escaped our subreaper). Other sessions' copies on the machine are not ours."""
+    mine = _children()
+    return {p.pid for p in psutil.process_iter(["name", "ppid", "create_time"])
+            if p.info["name"] == "tini"
+            and (p.pid in mine or (p.info["ppid"] == 1 and p.info["create_time"] >= _STARTED))}
 
 
 def _tmp_entries() -> set[str]:

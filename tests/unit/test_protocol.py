@@ -1,0 +1,223 @@
+import struct
+
+import msgpack
+import pytest
+
+from pool import errors
+from pool import protocol as P
+from pool.errors import AuthError, BadRequest, ProtocolError
+
+
+# --- framing ----------------------------------------------------------------------------------------
+def test_round_trip():
+    msgs = [P.make_request(1, "ping"), P.make_result(7, {"a": [1, 2.5, None, True, b"\x00"]}),
+            P.make_error(3, errors.NoCapacity("full", node="n1")), P.make_hello("t", "c")]
+    dec = P.FrameDecoder()
+    for m in msgs:
+        assert dec.feed(P.encode_frame(m)) == [m]
+    assert dec.pending == 0
+
+
+def test_frame_layout_is_u32_big_endian_plus_msgpack():
+    frame = P.encode_frame({"id": 1})
+    assert frame[:4] == struct.pack(">I", len(frame) - 4)
+    assert msgpack.unpackb(frame[4:]) == {"id": 1}
+
+
+def test_byte_by_byte_and_many_in_one_feed():
+    msgs = [P.make_request(i, "info", {"id": "x" * i}) for i in range(1, 6)]
+    data = b"".join(P.encode_frame(m) for m in msgs)
+    dec = P.FrameDecoder()
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i:i + 1])
+    assert got == msgs
+    assert P.FrameDecoder().feed(data) == msgs
+    # Split in the middle of the second header.
+    dec = P.FrameDecoder()
+    cut = len(P.encode_frame(msgs[0])) + 2
+    assert dec.feed(data[:cut]) == msgs[:1]
+    assert dec.pending == 2
+    assert dec.feed(data[cut:]) == msgs[1:]
+
+
+def test_encode_refuses_oversized_and_unencodable():
+    with pytest.raises(ProtocolError, match="exceeds"):
+        P.encode_frame({"x": "y" * 200}, max_frame=100)
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        P.encode_frame({"x": object()})
+
+
+def test_oversized_length_rejected_before_payload():
+    dec = P.FrameDecoder(max_frame=1000)
+    assert dec.feed(b"\x00\x00") == []  # half a header: nothing to decide yet
+    with pytest.raises(ProtocolError, match="over the limit") as e:
+        dec.feed(b"\x03\xe9")  # 1001, and not a byte of payload sent
+    assert e.value.data == {"size": 1001, "limit": 1000}
+    with pytest.raises(ProtocolError):
+        P.FrameDecoder().feed(b"\xff\xff\xff\xff")
+    assert P.FrameDecoder(max_frame=1000).feed(P.encode_frame({"a": "b" * 900}))  # at the limit: fine
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb([1, 2]), msgpack.packb("s"), msgpack.packb(None), msgpack.packb(3),
+])
+def test_non_map_payload(payload):
+    with pytest.raises(ProtocolError, match="not a map"):
+        P.FrameDecoder().feed(struct.pack(">I", len(payload)) + payload)
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\xc1", b"\x81\xa1",                   # empty, reserved byte, truncated map
+    msgpack.packb({"a": 1}) + b"\x00",           # trailing data inside the frame
+    b"\x81\x01\x01",                             # int map key
+    b"\x81\xa1a\xa2\xff\xfe",                    # invalid utf-8
+    b"\xdd\xff\xff\xff\xff",                     # array announcing 4 G elements
+    b"\x91" * 5000,                              # absurd nesting
+    msgpack.packb({"a": msgpack.ExtType(5, b"x")}),
+])
+def test_garbage_payload(payload):
+    with pytest.raises(ProtocolError, match="undecodable"):
+        P.FrameDecoder().feed(struct.pack(">I", len(payload)) + payload)
+
+
+# --- requests and schemas ---------------------------------------------------------------------------
+def req(method, params=None, rid=1):
+    return P.validate_request(P.make_request(rid, method, params))
+
+
+def test_defaults_are_filled_and_fresh():
+    r = req("spawn", {"template": "py"})
+    assert r == P.Request(1, "spawn", {"template": "py", "env": {}, "args": [], "timeout": 30.0,
+                                       "node": None, "hostname": None})
+    r.params["env"]["X"] = "1"
+    assert req("spawn", {"template": "py"}).params["env"] == {}  # the default was copied
+    assert req("ping").params == {}
+    assert req("logs", {"id": "i"}).params == {"id": "i", "stream": "stdout", "offset": 0, "limit": 65536}
+    assert req("wait", {"id": "i"}).params == {"id": "i", "timeout": None}
+    assert req("kill", {"id": "i"}).params == {"id": "i", "grace": 3.0}
+
+
+def test_every_method_has_a_schema_entry():
+    assert set(P.METHODS) == {"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
+                              "stats", "set_warm"}
+
+
+@pytest.mark.parametrize("method,params,expect", [
+    ("spawn", {"template": "p", "timeout": 5}, {"timeout": 5.0}),           # int accepted as float
+    ("spawn", {"template": "p", "node": "n", "hostname": None}, {"node": "n", "hostname": None}),
+    ("spawn", {"template": "p", "env": {"A": "b"}, "args": ["-x"]}, {"env": {"A": "b"}, "args": ["-x"]}),
+    ("wait", {"id": "i", "timeout": 0.5}, {"timeout": 0.5}),
+    ("logs", {"id": "i", "stream": "stderr", "offset": 10, "limit": 0}, {"stream": "stderr"}),
+    ("list", {"template": None}, {"template": None}),
+    ("set_warm", {"template": "p", "min_warm": 0}, {"min_warm": 0}),
+])
+def test_valid_params(method, params, expect):
+    got = req(method, params).params
+    for k, v in expect.items():
+        assert got[k] == v and type(got[k]) is type(v)
+
+
+@pytest.mark.parametrize("method,params,param,expected", [
+    ("spawn", {}, "template", "str"),                                      # missing required
+    ("spawn", {"template": 1}, "template", "str"),
+    ("spawn", {"template": "p", "env": {"A": 1}}, "env", "dict[str, str]"),
+    ("spawn", {"template": "p", "env": ["A"]}, "env", "dict[str, str]"),
+    ("spawn", {"template": "p", "args": "ls"}, "args", "list[str]"),
+    ("spawn", {"template": "p", "args": ["a", 2]}, "args", "list[str]"),
+    ("spawn", {"template": "p", "timeout": "5"}, "timeout", "float >= 0"),
+    ("spawn", {"template": "p", "timeout": True}, "timeout", "float >= 0"),  # bool is not a number
+    ("spawn", {"template": "p", "timeout": float("nan")}, "timeout", "float >= 0"),
+    ("spawn", {"template": "p", "timeout": -1}, "timeout", "float >= 0"),
+    ("spawn", {"template": "p", "node": 3}, "node", "str | None"),
+    ("kill", {"id": None}, "id", "str"),
+    ("logs", {"id": "i", "stream": "stdin"}, "stream", "'stdout' | 'stderr'"),
+    ("logs", {"id": "i", "offset": 1.0}, "offset", "int >= 0"),
+    ("logs", {"id": "i", "limit": False}, "limit", "int >= 0"),
+    ("logs", {"id": "i", "offset": -1}, "offset", "int >= 0"),
+    ("set_warm", {"template": "p"}, "min_warm", "int >= 0"),
+    ("wait", {"id": "i", "timeout": "never"}, "timeout", "float >= 0 | None"),
+])
+def test_wrong_params(method, params, param, expected):
+    with pytest.raises(BadRequest) as e:
+        req(method, params)
+    assert e.value.data["method"] == method and e.value.data["param"] == param
+    assert e.value.data["expected"] == expected
+    assert method in e.value.message and repr(param) in e.value.message and expected in e.value.message
+
+
+def test_wrong_type_message_says_expected_and_got():
+    with pytest.raises(BadRequest) as e:
+        req("kill", {"id": "i", "grace": "soon"})
+    assert e.value.message == "kill: parameter 'grace' must be float >= 0, got str"
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(BadRequest) as e:
+        req("explode")
+    assert "'explode'" in e.value.message and "spawn" in e.value.message
+    assert e.value.data["known"] == sorted(P.METHODS)
+    with pytest.raises(BadRequest, match="unknown method"):
+        P.validate_request({"v": 1, "id": 1, "method": 5, "params": {}})
+
+
+def test_unknown_parameter_and_bad_params():
+    with pytest.raises(BadRequest, match="unknown parameter 'colour'") as e:
+        req("ping", {"colour": "red"})
+    assert e.value.data["param"] == "colour"
+    with pytest.raises(BadRequest, match="params must be a map"):
+        P.validate_request({"v": 1, "id": 1, "method": "ping", "params": [1]})
+    assert P.validate_request({"v": 1, "id": 1, "method": "ping"}).params == {}  # params may be left out
+
+
+@pytest.mark.parametrize("msg", [
+    {"id": 1, "method": "ping", "params": {}},                 # no version
+    {"v": 2, "id": 1, "method": "ping", "params": {}},
+    {"v": True, "id": 1, "method": "ping", "params": {}},
+    {"v": 1, "method": "ping", "params": {}},                  # no id
+    {"v": 1, "id": "1", "method": "ping", "params": {}},
+    {"v": 1, "id": 0, "method": "ping", "params": {}},         # 0 is for connection errors
+    [1],
+])
+def test_not_a_request_is_a_protocol_error(msg):
+    with pytest.raises(ProtocolError):
+        P.validate_request(msg)
+
+
+def test_reply_parsing():
+    assert P.parse_reply(P.make_result(4, [1])) == (4, [1], None)
+    r = P.parse_reply(P.make_error(5, errors.InstanceNotFound("i-1")))
+    assert isinstance(r.error, errors.InstanceNotFound) and r.error.data == {"instance_id": "i-1"}
+    for bad in [{"id": "x", "result": 1}, {"id": 1}]:
+        with pytest.raises(ProtocolError):
+            P.parse_reply(bad)
+
+
+@pytest.mark.parametrize("err", [
+    None, 5, {"code": 3}, {"code": "no_capacity", "data": [1]}, {"code": "no_capacity", "data": {b"k": 1}},
+    {"code": "no_capacity", "data": {"args": 5}}, {"code": "no_capacity", "data": {"not an ident": 1}},
+])
+def test_error_from_hostile_reply_is_still_a_pool_error(err):
+    assert isinstance(P.error_from_wire(err), errors.PoolError)
+
+
+# --- hello ------------------------------------------------------------------------------------------
+def test_hello():
+    assert P.check_hello(P.make_hello(None, "cli"), None) == "cli"
+    assert P.check_hello(P.make_hello("whatever", "cli"), set()) == "cli"  # no tokens: not checked
+    assert P.check_hello(P.make_hello("s2", "cli"), {"s1", "s2"}) == "cli"
+    for token in [None, "s3", "", 5, "s1\u00e9"]:
+        with pytest.raises(AuthError):
+            P.check_hello({**P.make_hello(None, "c"), "token": token}, {"s1"})
+    for bad in [P.make_request(1, "ping"), {**P.make_hello(None, "c"), "v": 2},
+                {**P.make_hello(None, "c"), "client": 1}, []]:
+        with pytest.raises(ProtocolError):
+            P.check_hello(bad, None)
+
+
+def test_hello_reply():
+    assert P.check_hello_reply(P.make_hello_reply("node-1")) == "node-1"
+    with pytest.raises(AuthError):
+        P.check_hello_reply(P.make_error(0, AuthError("no")))
+    with pytest.raises(ProtocolError):
+        P.check_hello_reply({"id": 1, "result": 2})
