@@ -1,0 +1,34 @@
+"""prewarm-pool: boot an app once, checkpoint it with CRIU, start copies of it in milliseconds.
+
+Public API (imported lazily, so `import pool.runtime` inside applications stays light):
+
+    pool.spawn(name, env=..., args=..., timeout=...) -> pool.Instance
+    pool.Client, pool.AsyncClient, pool.Instance
+    pool.errors and its classes: pool.PoolError, pool.NoCapacity, pool.Quarantined, ...
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_FROM_CLIENT = {"spawn", "Client", "AsyncClient", "Instance", "AsyncInstance", "close_default"}
+_FROM_ERRORS = {"PoolError", "NoCapacity", "Quarantined", "TemplateNotFound", "InstanceNotFound",
+                "RestoreError", "NodeUnavailable", "BadRequest", "AuthError", "ProtocolError",
+                "CriuError", "Incompatible", "SpecError"}
+
+__all__ = sorted(_FROM_CLIENT | _FROM_ERRORS | {"errors"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_CLIENT:
+        from . import client  # noqa: PLC0415
+
+        return getattr(client, name)
+    if name in _FROM_ERRORS:
+        from . import errors  # noqa: PLC0415
+
+        return getattr(errors, name)
+    if name == "errors":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module(".errors", __name__)
+    raise AttributeError(f"module 'pool' has no attribute {name!r}")

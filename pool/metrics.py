@@ -1,0 +1,80 @@
+"""Prometheus metrics of the service, built on a CollectorRegistry passed in (nothing is registered at
+import, so tests and several services in one process never collide), and the /metrics HTTP server.
+
+Gauges that mirror pool state (warm, live, quarantined) read it at scrape time through
+set_function, so they can never drift from the pools they describe.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# 0.1 ms .. 10 s: a warm spawn is well under a millisecond, a restore tens to hundreds of ms, a
+# restore of a big JVM under load seconds.
+SPAWN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0, 2.5, 5.0, 10.0)
+RESTORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.spawn_latency = Histogram(
+            "pool_spawn_latency_seconds", "Time from a spawn request to its reply, by path "
+            "(warm: a prewarmed copy; restore: restored on a miss)", ["template", "path"],
+            buckets=SPAWN_BUCKETS, registry=registry)
+        self.restore_duration = Histogram(
+            "pool_restore_duration_seconds", "Time to restore one copy with CRIU (to warm)",
+            ["template"], buckets=RESTORE_BUCKETS, registry=registry)
+        self.spawn_failures = Counter(
+            "pool_spawn_failures_total", "Spawns that failed, by error code", ["template", "reason"],
+            registry=registry)
+        self.exits = Counter(
+            "pool_instance_exits_total", "Copies that ended, by cause (exited, killed, failed)",
+            ["template", "cause"], registry=registry)
+        self.warm = Gauge("pool_warm_copies", "Restored copies waiting for a spawn", ["template"],
+                          registry=registry)
+        self.live = Gauge("pool_live_instances", "Copies handed out and not yet ended", ["template"],
+                          registry=registry)
+        self.quarantined = Gauge("pool_quarantined", "1 if the template is quarantined",
+                                 ["template"], registry=registry)
+        self.image_bytes = Gauge("pool_template_image_bytes", "Size of the template's image",
+                                 ["template"], registry=registry)
+
+    def watch_pool(self, template: str, warm: Callable[[], float], live: Callable[[], float],
+                   quarantined: Callable[[], float]) -> None:
+        self.warm.labels(template).set_function(warm)
+        self.live.labels(template).set_function(live)
+        self.quarantined.labels(template).set_function(quarantined)
+
+    def spawned(self, template: str, path: str, seconds: float) -> None:
+        self.spawn_latency.labels(template, path).observe(seconds)
+
+    def restored(self, template: str, seconds: float) -> None:
+        self.restore_duration.labels(template).observe(seconds)
+
+    def spawn_failed(self, template: str, reason: str) -> None:
+        self.spawn_failures.labels(template, reason).inc()
+
+    def exited(self, template: str, cause: str) -> None:
+        self.exits.labels(template, cause).inc()
+
+
+class MetricsServer:
+    """/metrics on HOST:PORT in a daemon thread; stop() closes the socket and joins the thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host, self.port = self._server.server_address[:2]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if isinstance(self._thread, threading.Thread):
+            self._thread.join(timeout=5)

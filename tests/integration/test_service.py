@@ -1,0 +1,280 @@
+"""The pool service as a real subprocess with real CRIU: clients, CLI, capacity, quarantine, drain,
+leaks. The service runs on a private socket, run dir and (shared, read-only) store."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pool
+from pool.demo import LocalService, http_get
+from pool.errors import NoCapacity, NodeUnavailable, Quarantined
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+POOL = str(ROOT / ".venv" / "bin" / "pool")
+
+
+@pytest.fixture
+def py_hello(built):
+    return built("py-hello")
+
+
+@pytest.fixture
+def service(session_store, py_hello, tmp_path):
+    """start(config) -> LocalService on the session store; every started service is stopped."""
+    started = []
+
+    def start(config: str = "[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n", **kw):
+        svc = LocalService(session_store.root, tmp_path, config, **kw)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+
+
+def wait_until(cond, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def cli(svc, *args, check=True):
+    r = subprocess.run([POOL, *args], env=svc.env, capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise AssertionError(f"pool {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
+    svc = service()
+    svc.wait_warm("py-hello", 2)
+    with svc.client() as c:
+        inst = c.spawn("py-hello", env={"GREETING": "hi"}, args=["one", "two"], hostname="copy-a")
+        assert inst.path == "warm" and inst.node == "local" and inst.template == "py-hello"
+        assert inst.address.startswith("127.0.0.1:") and inst.spawn_ms > 0
+        body = json.loads(http_get(inst.address))
+        assert body["instance"] == inst.id and body["args"] == ["one", "two"]
+        assert body["greeting"] == "hi" and body["hostname"] == "copy-a"
+        assert [r["id"] for r in c.list("py-hello")] == [inst.id]
+        info = inst.info()
+        assert info["state"] == "running" and info["stats"]["rss_bytes"] > 0
+        wait_until(lambda: b"serving" in inst.logs(), what="the copy's log line")
+        assert inst.wait(timeout=0.2) is None          # still running
+        assert inst.kill()["exit_status"] == 143       # SIGTERM through tini
+        assert inst.wait() == 143
+        assert c.list() == []
+        after = inst.info()                            # kept for a while after exit
+        assert after["state"] == "exited" and after["end_cause"] == "killed"
+        assert b"serving" in inst.logs()
+
+        c.set_warm("py-hello", 0)                      # a miss: restored on demand
+        svc.wait_warm("py-hello", 0)
+        miss = c.spawn("py-hello")
+        assert miss.path == "restore"
+        assert json.loads(http_get(miss.address))["instance"] == miss.id
+        miss.kill(grace=0)
+
+        with pytest.raises(pool.TemplateNotFound):
+            c.spawn("no-such-template")
+        with pytest.raises(pool.InstanceNotFound):
+            c.info("nope")
+
+    monkeypatch.setenv("POOL_SOCKET", str(svc.socket))  # the module-level API
+    try:
+        inst = pool.spawn("py-hello", args=["x"])
+        assert json.loads(http_get(inst.address))["args"] == ["x"]
+        inst.kill(grace=0)
+    finally:
+        pool.close_default()
+
+    async def with_async_client():
+        async with await pool.AsyncClient.connect(svc.socket) as ac:
+            insts = await asyncio.gather(*(ac.spawn("py-hello") for _ in range(3)))
+            assert len({i.id for i in insts}) == 3
+            await asyncio.gather(*(i.kill(grace=0) for i in insts))
+            statuses = await asyncio.gather(*(i.wait() for i in insts))
+            assert all(s is not None for s in statuses)
+    asyncio.run(with_async_client())
+
+
+def test_cli_commands(service):
+    svc = service()
+    svc.wait_warm("py-hello", 1)
+    r = cli(svc, "spawn", "py-hello", "--env", "GREETING=cli", "--json", "--", "a1", "a2")
+    inst = json.loads(r.stdout)
+    assert inst["path"] in ("warm", "restore")
+    body = json.loads(http_get(inst["address"]))
+    assert body["args"] == ["a1", "a2"] and body["greeting"] == "cli"
+    rows = json.loads(cli(svc, "ls", "--json").stdout)
+    assert [row["id"] for row in rows] == [inst["id"]]
+    assert inst["id"] in cli(svc, "ls").stdout
+    wait_until(lambda: "serving" in cli(svc, "logs", inst["id"]).stdout, what="log line")
+    assert cli(svc, "logs", "--stderr", inst["id"]).returncode == 0
+    stats = json.loads(cli(svc, "stats", "--json").stdout)
+    assert stats["templates"]["py-hello"]["live"] == 1
+    assert "py-hello" in cli(svc, "stats").stdout
+    assert "exit status" in cli(svc, "kill", inst["id"]).stdout
+    follow = cli(svc, "logs", "-f", inst["id"])         # returns at once: the copy has exited
+    assert "serving" in follow.stdout
+    assert "min_warm 3" in cli(svc, "set-warm", "py-hello", "3").stdout
+
+    gone = dict(svc.env, POOL_SOCKET=str(svc.workdir / "nobody.sock"))
+    r = subprocess.run([POOL, "ls"], env=gone, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"pool ls: no pool service at {svc.workdir / 'nobody.sock'}: start "
+                               "one with `pool serve`")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _service_fds(pid):
+    return psutil.Process(pid).num_fds()
+
+
+def _copies(pid):
+    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
+
+
+def test_200_spawns_from_a_warm_pool_leak_nothing(service):
+    svc = service("[templates.py-hello]\nmin_warm = 4\nmax_live = 16\n"
+                  "[service]\nexited_history = 50\n")
+    svc.wait_warm("py-hello", 4)
+    fds_before, kids_before = _service_fds(svc.pid), _copies(svc.pid)
+    assert len(kids_before) == 4
+    paths = {"warm": 0, "restore": 0}
+    with svc.client() as c:
+        for _ in range(200):
+            inst = c.spawn("py-hello")
+            paths[inst.path] += 1
+            inst.kill(grace=0)
+        svc.wait_warm("py-hello", 4)
+        stats = c.stats()
+    assert stats["live"] == 0 and stats["exited_kept"] == 50
+    assert paths["warm"] >= 4, paths
+    wait_until(lambda: len(_copies(svc.pid)) == 4, what="only the 4 warm copies as children")
+    assert not (_copies(svc.pid) & kids_before)      # the old warm copies were handed out and ended
+    wait_until(lambda: _service_fds(svc.pid) == fds_before, timeout=10,
+               what=f"service fds back to {fds_before} (now {_service_fds(svc.pid)})")
+    assert psutil.Process(svc.pid).status() != psutil.STATUS_ZOMBIE
+    zombies = [p for p in psutil.Process(svc.pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert not zombies
+
+
+def test_16_concurrent_clients(service):
+    svc = service("[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n")
+    svc.wait_warm("py-hello", 2)
+    results, errors = [], []
+
+    def one():
+        try:
+            with svc.client() as c:
+                inst = c.spawn("py-hello", timeout=60)
+                results.append((inst.id, json.loads(http_get(inst.address))["instance"], inst.path))
+                c.kill(inst.id, grace=0)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(results) == 16 and len({r[0] for r in results}) == 16
+    assert all(iid == seen for iid, seen, _ in results)
+    assert {p for *_, p in results} <= {"warm", "restore"}
+
+
+def test_capacity_queue_then_no_capacity(service):
+    svc = service("[templates.py-hello]\nmin_warm = 0\nmax_live = 1\n")
+    with svc.client() as c:
+        first = c.spawn("py-hello")
+        t0 = time.monotonic()
+        with pytest.raises(NoCapacity):
+            c.spawn("py-hello", timeout=1.0)
+        assert 0.9 < time.monotonic() - t0 < 5
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(svc.client().spawn("py-hello",
+                                                                                timeout=30)))
+        waiter.start()
+        time.sleep(0.5)
+        assert c.stats()["templates"]["py-hello"]["waiting"] == 1
+        first.kill(grace=0)                       # frees the slot: the queued spawn gets it
+        waiter.join(60)
+        assert got and got[0].path == "restore"
+        got[0].kill(grace=0)
+        got[0]._client.close()
+
+
+DIES_FAST = """\
+import sys
+import pool.runtime
+pool.runtime.checkpoint()
+print("restored, exiting at once", flush=True)
+sys.exit(3)
+"""
+
+
+def test_quarantine_of_a_template_whose_copies_die_right_after_restore(store, criu, tmp_path):
+    from pool.build import build
+    from pool.spec import load_spec
+
+    folder = tmp_path / "dies-fast"
+    folder.mkdir()
+    (folder / "app.py").write_text(DIES_FAST)
+    (folder / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
+    build(load_spec(folder), store, criu)
+    with LocalService(store.root, tmp_path, "[templates.dies-fast]\nmin_warm = 1\nmax_live = 4\n") as svc, \
+            svc.client() as c:
+        for i in range(3):
+            inst = c.spawn("dies-fast", timeout=30)
+            assert inst.wait(timeout=10) == 3
+        wait_until(lambda: c.stats()["templates"]["dies-fast"]["quarantined"], what="quarantine")
+        t = c.stats()["templates"]["dies-fast"]
+        assert t["failures_in_a_row"] == 3 and "exited with status 3" in t["last_error"]
+        t0 = time.monotonic()
+        with pytest.raises(Quarantined) as e:
+            c.spawn("dies-fast")
+        assert time.monotonic() - t0 < 0.5 and "quarantined" in e.value.message
+        time.sleep(0.5)
+        assert c.stats()["templates"]["dies-fast"]["restoring"] == 0   # no refills
+        assert not c.set_warm("dies-fast", 1)["quarantined"]           # the operator clears it
+
+
+def test_ttl_ends_an_instance(service):
+    svc = service("[templates.py-hello]\nmin_warm = 1\nttl = 1\n")
+    with svc.client() as c:
+        inst = c.spawn("py-hello")
+        assert inst.wait(timeout=15) is not None
+        assert inst.info()["end_cause"] == "killed"
+
+
+def test_sigterm_drains_and_leaves_no_copies(service):
+    svc = service("[templates.py-hello]\nmin_warm = 2\n[service]\ndrain_timeout = 5\n")
+    svc.wait_warm("py-hello", 2)
+    with svc.client() as c:
+        live = [c.spawn("py-hello") for _ in range(2)]
+    svc.wait_warm("py-hello", 2)
+    copies = _copies(svc.pid)
+    assert len(copies) == 4 and {i.pid for i in live} <= copies
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(30) == 0
+    assert not svc.socket.exists()
+    for pid in copies:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    log = svc.log.read_text()
+    assert "draining" in log and "stopped" in log
+    assert not list((svc.workdir / "run" / "instances").iterdir())
