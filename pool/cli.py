@@ -173,12 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the instances as JSON")
     s.set_defaults(func=cmd_restore, takes_args=True)
 
-    try:
-        from .cli_service import add_commands  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        add_commands(sub, _env_pair)
+    from .cli_service import add_commands  # noqa: PLC0415
+
+    add_commands(sub, _env_pair)
     return p
 
 

@@ -36,11 +36,52 @@ def write_frame(fd: int, msg: dict[str, Any]) -> None:
 
 def read_frame(fd: int, deadline: float | None = None) -> dict[str, Any]:
     """Read one frame; deadline is a time.monotonic() value (None: wait for ever)."""
-    (length,) = _LEN.unpack(_read_exact(fd, _LEN.size, deadline))
+    length = _parse_length(_read_exact(fd, _LEN.size, deadline))
+    return _parse_message(_read_exact(fd, length, deadline))
+
+
+async def read_frame_async(fd: int) -> dict[str, Any]:
+    """read_frame for asyncio callers: waits with loop.add_reader instead of blocking a thread.
+
+    The fd is switched to non-blocking. Bound it with asyncio.timeout().
+    """
+    import asyncio  # noqa: PLC0415  (applications using the SDK never pay for it)
+
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        async def read_exact(n: int) -> bytes:
+            out = bytearray()
+            while len(out) < n:
+                try:
+                    chunk = os.read(fd, n - len(out))
+                except BlockingIOError:
+                    readable.clear()
+                    await readable.wait()
+                    continue
+                if not chunk:
+                    raise ControlError("control channel closed by the other side")
+                out += chunk
+            return bytes(out)
+
+        length = _parse_length(await read_exact(_LEN.size))
+        return _parse_message(await read_exact(length))
+    finally:
+        loop.remove_reader(fd)
+
+
+def _parse_length(header: bytes) -> int:
+    (length,) = _LEN.unpack(header)
     if length > MAX_CONTROL_FRAME:
         raise ControlError(f"control frame of {length} bytes is over the {MAX_CONTROL_FRAME} limit")
+    return length
+
+
+def _parse_message(payload: bytes) -> dict[str, Any]:
     try:
-        msg = msgpack.unpackb(_read_exact(fd, length, deadline), raw=False)
+        msg = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.UnpackException) as e:
         raise ControlError("control frame is not valid msgpack") from e
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):

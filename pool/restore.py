@@ -113,7 +113,9 @@ class Restorer:
                 fd = os.open(run_dir / f"{stream}.log",
                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 theirs.append(fd)
-                inherit[f"pipe:[{m['pipes'][stream]}]"] = fd
+                # a fork of a running copy (pool/fork.py) held log files, keyed by their path
+                key = (m.get("stdio_keys") or {}).get(stream) or f"pipe:[{m['pipes'][stream]}]"
+                inherit[key] = fd
             ctl_w = ctl_r = None
             if sdk:
                 r, ctl_w = os.pipe2(os.O_CLOEXEC)     # pool -> app
@@ -124,11 +126,13 @@ class Restorer:
                 ours.append(ctl_r)
                 theirs.append(w)
                 inherit[f"pipe:[{m['pipes']['ctl_out']}]"] = w
+            # an image dumped with tcp_close only restores with it ("Need to set the --tcp-close")
+            tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
             t0 = time.monotonic()
             try:
                 pid = self.criu.restore(template.image_dir, log_dir=run_dir,
                                         timeout=self.restore_timeout,
-                                        opts=RestoreOptions(inherit_fds=inherit))
+                                        opts=RestoreOptions(inherit_fds=inherit, tcp_close=tcp_close))
             except CriuError as e:
                 raise RestoreError("restoring with CRIU", e.message) from e
             took = time.monotonic() - t0
@@ -177,16 +181,17 @@ class Restorer:
         timeout defaults to the template's restore.identity_timeout; the hostname to its
         restore.hostname pattern ("{id}" is the instance id), else the template's own.
         """
-        if timeout is None:
-            timeout = inst.identity_timeout
-        if identity.hostname is None and inst.hostname_pattern:
-            identity = replace(identity,
-                               hostname=inst.hostname_pattern.replace("{id}", identity.instance_id))
+        identity, timeout = _resolve(inst, identity, timeout)
         try:
-            if identity.hostname:
-                netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)
+            _set_hostname(inst, identity)
             if inst.sdk:
-                _sdk_handshake(inst, identity, timeout)
+                deadline = time.monotonic() + timeout
+                control.write_frame(inst.ctl_w, _identity_message(identity, timeout))
+                try:
+                    reply = control.read_frame(inst.ctl_r, deadline)
+                except control.ControlError as e:
+                    raise _no_ack(inst, timeout, time.monotonic() >= deadline) from e
+                _accept_ack(inst, identity, reply)
         except BaseException as e:
             output = _tail_after_exit(inst)
             inst.kill(grace=0)
@@ -194,11 +199,10 @@ class Restorer:
             inst.close()
             if isinstance(e, RestoreError):
                 raise RestoreError(e.step, e.problem, output_tail=output) from e
-            if isinstance(e, (OSError, control.ControlError)):
-                raise RestoreError("handing over the identity", str(e), output_tail=output) from e
+            if isinstance(e, OSError):
+                raise RestoreError(HANDOVER, str(e), output_tail=output) from e
             raise
-        inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
-        inst.state = "running"
+        _record(inst, identity)
 
     def spawn(self, name: str, identity: Identity | None = None,
               timeout: float | None = None) -> Instance:
@@ -223,111 +227,74 @@ def _validate(inst: Instance) -> None:
                            "match the manifest")
 
 
-def _sdk_handshake(inst: Instance, identity: Identity, timeout: float) -> None:
-    assert inst.ctl_w is not None and inst.ctl_r is not None
-    deadline = time.monotonic() + timeout
-    control.write_frame(inst.ctl_w, {
-        "type": "identity", "instance_id": identity.instance_id, "env": identity.env,
-        "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
-        "deadline": time.time() + timeout})
-    try:
-        reply = control.read_frame(inst.ctl_r, deadline)
-    except control.ControlError as e:
-        if inst.poll() is not None:
-            raise RestoreError("handing over the identity",
-                               f"the copy exited with status {inst.exit_status} before it acked") from e
-        if time.monotonic() >= deadline:
-            raise RestoreError("handing over the identity",
-                               f"the copy did not ack its identity within {timeout:g}s") from e
-        raise
+HANDOVER = "handing over the identity"
+
+
+def _resolve(inst: Instance, identity: Identity, timeout: float | None) -> tuple[Identity, float]:
+    """Fill in the template's defaults: identity_timeout and the hostname pattern."""
+    if identity.hostname is None and inst.hostname_pattern:
+        identity = replace(identity,
+                           hostname=inst.hostname_pattern.replace("{id}", identity.instance_id))
+    return identity, inst.identity_timeout if timeout is None else timeout
+
+
+def _set_hostname(inst: Instance, identity: Identity) -> None:
+    if identity.hostname:
+        netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)
+
+
+def _identity_message(identity: Identity, timeout: float) -> dict:
+    return {"type": "identity", "instance_id": identity.instance_id, "env": identity.env,
+            "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
+            "deadline": time.time() + timeout}
+
+
+def _no_ack(inst: Instance, timeout: float, timed_out: bool) -> RestoreError:
+    if inst.poll() is not None:
+        return RestoreError(HANDOVER, f"the copy exited with status {inst.exit_status} before it acked")
+    if timed_out:
+        return RestoreError(HANDOVER, f"the copy did not ack its identity within {timeout:g}s")
+    return RestoreError(HANDOVER, "the copy broke its control channel")
+
+
+def _accept_ack(inst: Instance, identity: Identity, reply: dict) -> None:
     if reply["type"] == "error":
-        raise RestoreError("handing over the identity",
-                           f"the copy's after_restore failed: {reply.get('message')}")
+        raise RestoreError(HANDOVER, f"the copy's after_restore failed: {reply.get('message')}")
     if reply["type"] != "ack" or reply.get("instance_id") != identity.instance_id:
-        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
+        raise RestoreError(HANDOVER, f"unexpected reply {reply!r:.120}")
     for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
         os.close(getattr(inst, name))
         setattr(inst, name, None)
 
 
-async def hand_over_async(inst: Instance, identity: Identity, timeout: float = 10.0) -> None:
-    """hand_over() for asyncio callers (the service's warm path): the ack is awaited with
-    loop.add_reader instead of a blocking read, so no thread hop. On failure it raises RestoreError
-    and leaves the copy to the caller, who must kill and close it (it may be watching its pidfd)."""
-    try:
-        if identity.hostname:
-            netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)  # one short thread
-        if inst.sdk:
-            await _sdk_handshake_async(inst, identity, timeout)
-    except (OSError, control.ControlError) as e:
-        raise RestoreError("handing over the identity", str(e)) from e
+def _record(inst: Instance, identity: Identity) -> None:
     inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
     inst.state = "running"
 
 
-async def _sdk_handshake_async(inst: Instance, identity: Identity, timeout: float) -> None:
-    """_sdk_handshake with the same frames (control.py's format), reading the ack without blocking."""
+async def hand_over_async(inst: Instance, identity: Identity, timeout: float | None = None) -> None:
+    """hand_over() for asyncio callers (the service's warm path): the ack is awaited with
+    loop.add_reader, so no thread hop. On failure it raises RestoreError and leaves the copy to the
+    caller, who must kill and close it (it may be watching its pidfd)."""
     import asyncio  # noqa: PLC0415  (only async callers pay for it)
 
-    import msgpack  # noqa: PLC0415
-
-    assert inst.ctl_w is not None and inst.ctl_r is not None
-    control.write_frame(inst.ctl_w, {  # small frame into an empty pipe: does not block
-        "type": "identity", "instance_id": identity.instance_id, "env": identity.env,
-        "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
-        "deadline": time.time() + timeout})
-    fd = inst.ctl_r
-    os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
-    readable = asyncio.Event()
-    loop.add_reader(fd, readable.set)
-    buf = bytearray()
-
-    async def read_exact(n: int) -> bytes:
-        while len(buf) < n:
+    identity, timeout = _resolve(inst, identity, timeout)
+    try:
+        _set_hostname(inst, identity)  # one short thread
+        if inst.sdk:
+            # A small frame into an empty pipe: the write does not block.
+            control.write_frame(inst.ctl_w, _identity_message(identity, timeout))
             try:
-                chunk = os.read(fd, n - len(buf))
-            except BlockingIOError:
-                readable.clear()
-                await readable.wait()
-                continue
-            if not chunk:
-                raise control.ControlError("control channel closed by the copy")
-            buf.extend(chunk)
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
-
-    try:
-        async with asyncio.timeout(timeout):
-            (length,) = control._LEN.unpack(await read_exact(control._LEN.size))
-            if length > control.MAX_CONTROL_FRAME:
-                raise control.ControlError(f"control frame of {length} bytes is over the limit")
-            payload = await read_exact(length)
-    except TimeoutError as e:
-        raise RestoreError("handing over the identity",
-                           f"the copy did not ack its identity within {timeout:g}s") from e
-    except control.ControlError as e:
-        if inst.poll() is not None:
-            raise RestoreError("handing over the identity",
-                               f"the copy exited with status {inst.exit_status} before it acked") from e
-        raise
-    finally:
-        loop.remove_reader(fd)
-    try:
-        reply = msgpack.unpackb(payload, raw=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise control.ControlError("control frame is not valid msgpack") from e
-    if not isinstance(reply, dict):
-        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
-    if reply.get("type") == "error":
-        raise RestoreError("handing over the identity",
-                           f"the copy's after_restore failed: {reply.get('message')}")
-    if reply.get("type") != "ack" or reply.get("instance_id") != identity.instance_id:
-        raise RestoreError("handing over the identity", f"unexpected reply {reply!r:.120}")
-    for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
-        os.close(getattr(inst, name))
-        setattr(inst, name, None)
+                async with asyncio.timeout(timeout):
+                    reply = await control.read_frame_async(inst.ctl_r)
+            except TimeoutError as e:
+                raise _no_ack(inst, timeout, True) from e
+            except control.ControlError as e:
+                raise _no_ack(inst, timeout, False) from e
+            _accept_ack(inst, identity, reply)
+    except OSError as e:
+        raise RestoreError(HANDOVER, str(e)) from e
+    _record(inst, identity)
 
 
 def _tail_after_exit(inst: Instance) -> str:

@@ -581,7 +581,8 @@ class Service:
             try:
                 left = max(1.0, timeout - (time.perf_counter() - t0))
                 await hand_over_async(inst, Identity(inst.id, env=env, args=args,
-                                                     hostname=hostname), left)
+                                                     hostname=hostname),
+                                      min(inst.identity_timeout, left))
             except BaseException as e:
                 cancelled = isinstance(e, asyncio.CancelledError)
                 self._kill(c, 0, KILLED if cancelled else FAILED)
