@@ -34,7 +34,8 @@ def _client(args):
 
 # -- serve -------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from .service import load_config, serve  # noqa: PLC0415
+    from .service import serve  # noqa: PLC0415
+    from .service_config import load_config  # noqa: PLC0415
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

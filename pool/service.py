@@ -22,165 +22,21 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import signal
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .errors import (InstanceNotFound, NodeUnavailable, PoolError, RestoreError, SpecError,
-                     TemplateNotFound)
-from .warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
+from .errors import (InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound)
+from .service_config import ServiceConfig, read_token
+from .warm import EXITED, FAILED, KILLED, WarmPool
 
 log = logging.getLogger("pool.service")
 
 TICK_S = 0.25
 MAX_LOG_CHUNK = 1 << 20
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-
-
-# --- configuration ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServiceConfig:
-    socket: Path = field(default_factory=config.socket_path)
-    store: Path = field(default_factory=config.store_path)
-    run_dir: Path = field(default_factory=config.run_dir)
-    tcp: tuple[str, int] | None = None
-    token_file: Path | None = None
-    metrics: tuple[str, int] | None = None
-    drain_timeout: float = 10.0
-    on_shutdown: str = "kill"            # "kill" | "leave" live instances
-    kill_grace: float = 3.0
-    restore_concurrency: int = 4
-    quarantine_after: int = 3
-    early_death_s: float = 2.0
-    exited_history: int = 1000           # exited instances kept for info/logs
-    defaults: WarmSettings = WarmSettings()
-    templates: dict[str, WarmSettings] = field(default_factory=dict)
-
-
-def parse_hostport(text: str, path: str, fld: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SpecError(path, fld, f"expected HOST:PORT like 127.0.0.1:9464, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-class _Fields:
-    """Typed reads of one TOML table, every problem a SpecError naming file and field."""
-
-    def __init__(self, path: str, prefix: str, table: Any, known: set[str]) -> None:
-        if not isinstance(table, dict):
-            raise SpecError(path, prefix, f"must be a table, got {type(table).__name__}")
-        self.path, self.prefix, self.table = path, prefix, table
-        for key in table:
-            if key not in known:
-                raise SpecError(path, f"{prefix}.{key}",
-                                f"unknown setting; known: {', '.join(sorted(known))}")
-
-    def get(self, key: str, kind: str, default: Any, minimum: float | None = None) -> Any:
-        if key not in self.table:
-            return default
-        v = self.table[key]
-        fld = f"{self.prefix}.{key}"
-        ok, what = {"int": (isinstance(v, int) and not isinstance(v, bool), "an integer"),
-                    "float": (isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-                    "str": (isinstance(v, str), "a string")}[kind]
-        if not ok:
-            raise SpecError(self.path, fld, f"must be {what}, got {type(v).__name__} {v!r}")
-        if minimum is not None and v < minimum:
-            raise SpecError(self.path, fld, f"must be >= {minimum:g}, got {v!r}")
-        return float(v) if kind == "float" else v
-
-
-SERVICE_KEYS = {"socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
-                "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
-                "early_death_s", "exited_history", "max_live"}
-TEMPLATE_KEYS = {"min_warm", "max_live", "ttl", "idle_timeout"}
-
-
-def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServiceConfig:
-    """Read a service TOML file (optional) and apply overrides (CLI flags; None means unset)."""
-    raw: dict[str, Any] = {}
-    where = str(path) if path else "<defaults>"
-    if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError as e:
-            raise SpecError(where, None, "config file not found") from e
-        except tomllib.TOMLDecodeError as e:
-            raise SpecError(where, None, f"not valid TOML: {e}") from e
-    for key in raw:
-        if key not in ("service", "templates"):
-            raise SpecError(where, key, "unknown table; expected [service] and [templates.NAME]")
-    s = _Fields(where, "service", raw.get("service", {}), SERVICE_KEYS)
-    on_shutdown = s.get("on_shutdown", "str", "kill")
-    if on_shutdown not in ("kill", "leave"):
-        raise SpecError(where, "service.on_shutdown", f"must be \"kill\" or \"leave\", got {on_shutdown!r}")
-    max_live_default = s.get("max_live", "int", 32, 1)
-    kw: dict[str, Any] = dict(
-        drain_timeout=s.get("drain_timeout", "float", 10.0, 0),
-        on_shutdown=on_shutdown,
-        kill_grace=s.get("kill_grace", "float", 3.0, 0),
-        restore_concurrency=s.get("restore_concurrency", "int", 4, 1),
-        quarantine_after=s.get("quarantine_after", "int", 3, 1),
-        early_death_s=s.get("early_death_s", "float", 2.0, 0),
-        exited_history=s.get("exited_history", "int", 1000, 0),
-        defaults=WarmSettings(0, max_live_default))
-    for key in ("socket", "store", "run_dir", "token_file"):
-        v = s.get(key, "str", None)
-        if v:
-            kw[key] = Path(v)
-    for key in ("tcp", "metrics"):
-        v = s.get(key, "str", None)
-        if v:
-            kw[key] = parse_hostport(v, where, f"service.{key}")
-    templates = raw.get("templates", {})
-    if not isinstance(templates, dict):
-        raise SpecError(where, "templates", "must be a table of [templates.NAME] tables")
-    kw["templates"] = {}
-    for name, table in templates.items():
-        if not _NAME_RE.match(name):
-            raise SpecError(where, f"templates.{name}", "not a valid template name (a-z, 0-9, . _ -)")
-        t = _Fields(where, f"templates.{name}", table, TEMPLATE_KEYS)
-        ws = WarmSettings(min_warm=t.get("min_warm", "int", 0, 0),
-                          max_live=t.get("max_live", "int", max_live_default, 1),
-                          ttl=t.get("ttl", "float", 0.0, 0),
-                          idle_timeout=t.get("idle_timeout", "float", 0.0, 0))
-        if ws.min_warm > ws.max_live:
-            raise SpecError(where, f"templates.{name}.min_warm",
-                            f"{ws.min_warm} is more than max_live ({ws.max_live})")
-        kw["templates"][name] = ws
-    for key, v in overrides.items():
-        if v is None:
-            continue
-        if key in ("tcp", "metrics") and isinstance(v, str):
-            v = parse_hostport(v, "command line", f"--{key}")
-        elif key in ("socket", "store", "run_dir", "token_file"):
-            v = Path(v)
-        kw[key] = v
-    if kw.get("tcp") and not kw.get("token_file"):
-        raise SpecError(where, "service.token_file",
-                        "a TCP listener needs authentication: give a token file (--token-file)")
-    return ServiceConfig(**kw)
-
-
-def read_token(path: Path) -> str:
-    try:
-        st = path.stat()
-        token = path.read_text().strip()
-    except OSError as e:
-        raise SpecError(str(path), None, f"cannot read the token file: {e.strerror}") from e
-    if st.st_mode & 0o007:
-        raise SpecError(str(path), None, "the token file is readable by anyone; chmod 600 it")
-    if len(token) < 16:
-        raise SpecError(str(path), None, "the token must be at least 16 characters")
-    return token
 
 
 # --- one copy, as the service sees it -----------------------------------------------------------------

@@ -5,19 +5,17 @@ fix the spec without reading this code. Nothing is run or probed here; only `cwd
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import math
 import re
 import shlex
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 from pool.errors import SpecError, TemplateNotFound
+from pool.tomlfields import Check, Table, at_least, load_toml, one_of, port, positive
 
 TOML_NAME = "template.toml"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -40,7 +38,6 @@ _WARMUP_KEYS = ("http", "repeat", "timeout", "method", "body")
 _NETWORK_KEYS = ("mode", "port")
 _CHECKPOINT_KEYS = ("tcp_close", "ghost_limit")
 _RESTORE_KEYS = ("identity_timeout", "hostname")
-_REQUIRED: Any = object()
 
 
 # --- the parsed spec ---------------------------------------------------------------------------------
@@ -122,88 +119,6 @@ class Spec:
         }
 
 
-# --- typed fields ------------------------------------------------------------------------------------
-def _type_name(v: object) -> str:
-    names = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "table"}
-    if isinstance(v, list) and v:
-        odd = next((x for x in v if not isinstance(x, str)), None)
-        if odd is not None:
-            return f"a list containing {_type_name(odd)}"
-    return names.get(type(v), type(v).__name__)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int in Python, not in TOML
-
-
-# kind -> (what was expected, test, conversion)
-_KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
-    "str": ("a string", lambda v: isinstance(v, str), str),
-    "int": ("an integer", _is_int, int),
-    "float": ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
-    "bool": ("true or false", lambda v: isinstance(v, bool), bool),
-    "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
-    "table": ("a table", lambda v: isinstance(v, dict), dict),
-}
-
-Check = Callable[[Any], "str | None"]  # returns a problem, or None when the value is fine
-
-
-class _Table:
-    """One TOML table being read; knows its dotted name so every error points at the field."""
-
-    def __init__(self, path: Path, data: dict, prefix: str, keys: tuple[str, ...] | None) -> None:
-        self.path, self.data, self.prefix = path, data, prefix
-        for key in data if keys is not None else ():
-            if key not in keys:
-                close = difflib.get_close_matches(key, keys, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(keys)
-                self.fail(key, f"unknown key {key!r}; {hint}")
-
-    def name_of(self, key: str | None) -> str | None:
-        if key is None:
-            return self.prefix or None
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def fail(self, key: str | None, problem: str) -> NoReturn:
-        raise SpecError(str(self.path), self.name_of(key), problem)
-
-    def get(self, key: str, kind: str, default: Any = _REQUIRED, check: Check | None = None) -> Any:
-        expected, test, convert = _KINDS[kind]
-        if key not in self.data:
-            if default is _REQUIRED:
-                self.fail(key, f"required, expected {expected}")
-            return default
-        value = self.data[key]
-        if not test(value):
-            self.fail(key, f"expected {expected}, got {_type_name(value)}")
-        value = convert(value)
-        if check is not None and (problem := check(value)):
-            self.fail(key, problem)
-        return value
-
-    def table(self, key: str, keys: tuple[str, ...] | None) -> _Table | None:
-        data = self.get(key, "table", None)
-        return None if data is None else _Table(self.path, data, f"{self.prefix}.{key}".lstrip("."), keys)
-
-
-# --- value checks ------------------------------------------------------------------------------------
-def _positive(v: float) -> str | None:
-    return None if math.isfinite(v) and v > 0 else f"must be greater than 0, got {v}"
-
-
-def _at_least(n: int) -> Check:
-    return lambda v: None if v >= n else f"must be at least {n}, got {v}"
-
-
-def _port(v: int) -> str | None:
-    return None if 1 <= v <= 65535 else f"must be a port number 1..65535, got {v}"
-
-
-def _one_of(choices: tuple[str, ...]) -> Check:
-    return lambda v: None if v in choices else f"expected one of {', '.join(map(repr, choices))}, got {v!r}"
-
-
 def _name(v: str) -> str | None:
     return None if NAME_RE.fullmatch(v) else f"{v!r} is not a valid name: {NAME_RULE}"
 
@@ -250,7 +165,7 @@ def _sdk(v: bool) -> str | None:
 
 
 def _network_mode(v: str) -> str | None:
-    return HOST_MODE_PROBLEM if v == "host" else _one_of(NETWORK_MODES)(v)
+    return HOST_MODE_PROBLEM if v == "host" else one_of(NETWORK_MODES)(v)
 
 
 def _hostname(v: str) -> str | None:
@@ -267,8 +182,8 @@ def _url_port(url: str) -> int:
 
 
 _READY_VALUE: dict[str, tuple[str, Check]] = {
-    "sdk": ("bool", _sdk), "tcp": ("int", _port), "http": ("str", _url),
-    "stdout": ("str", _regex), "delay": ("float", _positive),
+    "sdk": ("bool", _sdk), "tcp": ("int", port), "http": ("str", _url),
+    "stdout": ("str", _regex), "delay": ("float", positive),
 }
 
 
@@ -280,20 +195,14 @@ def load_spec(path: str | Path) -> Spec:
     toml = toml.resolve()
     if not toml.is_file():
         raise SpecError(str(toml.parent), None, f"no {TOML_NAME} here")
-    try:
-        with open(toml, "rb") as f:
-            raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(str(toml), None, f"not valid TOML: {e}") from e
-    except OSError as e:
-        raise SpecError(str(toml), None, f"cannot read: {e.strerror}") from e
+    raw = load_toml(toml)
     return _parse(toml, raw)
 
 
 def _parse(toml: Path, raw: dict) -> Spec:
     folder = toml.parent
-    top = _Table(toml, raw, "", _TOP_KEYS)
-    empty = lambda prefix: _Table(toml, {}, prefix, ())  # noqa: E731 - an absent table reads as defaults
+    top = Table(toml, raw, "", _TOP_KEYS)
+    empty = lambda prefix: Table(toml, {}, prefix, ())  # noqa: E731 - an absent table reads as defaults
 
     name = top.get("name", "str", None, _name)
     if name is None:
@@ -330,19 +239,19 @@ def _parse(toml: Path, raw: dict) -> Spec:
                       + (", ".join(given) if given else "none"))
     kind, check = _READY_VALUE[given[0]]
     ready = Ready(mode=given[0], value=rt.get(given[0], kind, check=check),
-                  timeout=rt.get("timeout", "float", 120.0, _positive),
-                  interval=rt.get("interval", "float", 0.05, _positive))
+                  timeout=rt.get("timeout", "float", 120.0, positive),
+                  interval=rt.get("interval", "float", 0.05, positive))
 
     wt = top.table("warmup", _WARMUP_KEYS)
     warmup = None if wt is None else Warmup(
         urls=wt.get("http", "strs", check=_urls),
-        repeat=wt.get("repeat", "int", 1, _at_least(1)),
-        timeout=wt.get("timeout", "float", 10.0, _positive),
-        method=wt.get("method", "str", "GET", _one_of(WARMUP_METHODS)),
+        repeat=wt.get("repeat", "int", 1, at_least(1)),
+        timeout=wt.get("timeout", "float", 10.0, positive),
+        method=wt.get("method", "str", "GET", one_of(WARMUP_METHODS)),
         body=wt.get("body", "str", None))
 
     nt = top.table("network", _NETWORK_KEYS) or empty("network")
-    network = Network(mode=nt.get("mode", "str", "none", _network_mode), port=nt.get("port", "int", None, _port))
+    network = Network(mode=nt.get("mode", "str", "none", _network_mode), port=nt.get("port", "int", None, port))
     if network.mode == "isolated" and network.port is None:
         nt.fail("port", 'required with mode = "isolated": the port the app listens on, published on the host')
     if network.mode == "none" and network.port is not None:
@@ -356,13 +265,13 @@ def _parse(toml: Path, raw: dict) -> Spec:
 
     ct = top.table("checkpoint", _CHECKPOINT_KEYS) or empty("checkpoint")
     checkpoint = CheckpointOpts(tcp_close=ct.get("tcp_close", "bool", False),
-                                ghost_limit=ct.get("ghost_limit", "int", None, _at_least(0)))
+                                ghost_limit=ct.get("ghost_limit", "int", None, at_least(0)))
 
     st = top.table("restore", _RESTORE_KEYS) or empty("restore")
     if "identity_timeout" in st.data and ready.mode != "sdk":
         st.fail("identity_timeout", "only used by sdk templates (ready.sdk = true): "
                                     "no other app acknowledges its identity")
-    restore = RestoreOpts(identity_timeout=st.get("identity_timeout", "float", 10.0, _positive),
+    restore = RestoreOpts(identity_timeout=st.get("identity_timeout", "float", 10.0, positive),
                           hostname=st.get("hostname", "str", None, _hostname))
 
     return Spec(name=name, dir=folder, path=toml, command=command, cwd=cwd, env=env,

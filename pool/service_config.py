@@ -1,0 +1,127 @@
+"""The service's configuration: `pool serve --config FILE` plus command-line overrides.
+
+    [service]                      # all optional
+    socket = "/run/pool/pool.sock"
+    tcp = "127.0.0.1:7070"         # needs token_file: TCP is always authenticated
+    token_file = "/etc/pool/token" # 0600, at least 16 characters
+    metrics = "127.0.0.1:9464"
+    drain_timeout = 10.0           # seconds in-flight spawns get on SIGTERM
+    on_shutdown = "kill"           # or "leave": live instances outlive the service
+    max_live = 32                  # default cap per template
+    [templates.py-hello]
+    min_warm = 2                   # restored copies kept waiting for a spawn
+    max_live = 32                  # warm + live copies
+    ttl = 0                        # seconds a spawned copy may live (0: no limit)
+    idle_timeout = 0               # seconds without traffic through its port (0: no limit)
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .errors import SpecError
+from .tomlfields import Table, at_least, load_toml, one_of
+from .warm import WarmSettings
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
+                "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
+                "early_death_s", "exited_history", "max_live")
+TEMPLATE_KEYS = ("min_warm", "max_live", "ttl", "idle_timeout")
+PATH_KEYS = ("socket", "store", "run_dir", "token_file")
+HOSTPORT_KEYS = ("tcp", "metrics")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    socket: Path = field(default_factory=config.socket_path)
+    store: Path = field(default_factory=config.store_path)
+    run_dir: Path = field(default_factory=config.run_dir)
+    tcp: tuple[str, int] | None = None
+    token_file: Path | None = None
+    metrics: tuple[str, int] | None = None
+    drain_timeout: float = 10.0
+    on_shutdown: str = "kill"            # "kill" | "leave" live instances
+    kill_grace: float = 3.0
+    restore_concurrency: int = 4
+    quarantine_after: int = 3
+    early_death_s: float = 2.0
+    exited_history: int = 1000           # exited instances kept for info/logs
+    defaults: WarmSettings = WarmSettings()
+    templates: dict[str, WarmSettings] = field(default_factory=dict)
+
+
+def parse_hostport(text: str, path: str, fld: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SpecError(path, fld, f"expected HOST:PORT like 127.0.0.1:9464, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v}"
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServiceConfig:
+    """Read a service TOML file (optional) and apply overrides (CLI flags; None means unset)."""
+    where = Path(path) if path else Path("<defaults>")
+    top = Table(where, load_toml(where) if path else {}, "", ("service", "templates"))
+    s = top.table("service", SERVICE_KEYS) or Table(where, {}, "service", ())
+    max_live_default = s.get("max_live", "int", 32, at_least(1))
+    kw: dict[str, Any] = dict(
+        drain_timeout=s.get("drain_timeout", "float", 10.0, _non_negative),
+        on_shutdown=s.get("on_shutdown", "str", "kill", one_of(("kill", "leave"))),
+        kill_grace=s.get("kill_grace", "float", 3.0, _non_negative),
+        restore_concurrency=s.get("restore_concurrency", "int", 4, at_least(1)),
+        quarantine_after=s.get("quarantine_after", "int", 3, at_least(1)),
+        early_death_s=s.get("early_death_s", "float", 2.0, _non_negative),
+        exited_history=s.get("exited_history", "int", 1000, at_least(0)),
+        defaults=WarmSettings(0, max_live_default))
+    for key in PATH_KEYS:
+        if v := s.get(key, "str", None):
+            kw[key] = Path(v)
+    for key in HOSTPORT_KEYS:
+        if v := s.get(key, "str", None):
+            kw[key] = parse_hostport(v, str(where), f"service.{key}")
+    templates = top.table("templates", None) or Table(where, {}, "templates", ())
+    kw["templates"] = {}
+    for name in templates.data:
+        if not _NAME_RE.match(name):
+            templates.fail(name, "not a valid template name (a-z, 0-9, . _ -)")
+        t = templates.table(name, TEMPLATE_KEYS)
+        ws = WarmSettings(min_warm=t.get("min_warm", "int", 0, at_least(0)),
+                          max_live=t.get("max_live", "int", max_live_default, at_least(1)),
+                          ttl=t.get("ttl", "float", 0.0, _non_negative),
+                          idle_timeout=t.get("idle_timeout", "float", 0.0, _non_negative))
+        if ws.min_warm > ws.max_live:
+            t.fail("min_warm", f"{ws.min_warm} is more than max_live ({ws.max_live})")
+        kw["templates"][name] = ws
+    for key, v in overrides.items():
+        if v is None:
+            continue
+        if key in HOSTPORT_KEYS and isinstance(v, str):
+            v = parse_hostport(v, "command line", f"--{key}")
+        elif key in PATH_KEYS:
+            v = Path(v)
+        kw[key] = v
+    if kw.get("tcp") and not kw.get("token_file"):
+        raise SpecError(str(where), "service.token_file",
+                        "a TCP listener needs authentication: give a token file (--token-file)")
+    return ServiceConfig(**kw)
+
+
+def read_token(path: Path) -> str:
+    try:
+        st = path.stat()
+        token = path.read_text().strip()
+    except OSError as e:
+        raise SpecError(str(path), None, f"cannot read the token file: {e.strerror}") from e
+    if st.st_mode & 0o077:
+        raise SpecError(str(path), None, "the token file is readable by others; chmod 600 it")
+    if len(token) < 16:
+        raise SpecError(str(path), None, "the token must be at least 16 characters")
+    return token

@@ -1,0 +1,80 @@
+"""The service's TOML config: defaults, overrides, and a clear error for every bad setting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pool.errors import SpecError
+from pool.service_config import load_config, read_token
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "service.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg.on_shutdown == "kill" and cfg.tcp is None and cfg.templates == {}
+    assert cfg.defaults.max_live == 32
+
+
+def test_full_file_and_overrides(tmp_path):
+    p = write(tmp_path, """
+[service]
+metrics = "127.0.0.1:9464"
+on_shutdown = "leave"
+max_live = 8
+[templates.py-hello]
+min_warm = 2
+ttl = 60
+[templates.other]
+max_live = 4
+""")
+    cfg = load_config(p, socket=str(tmp_path / "s.sock"), metrics=None)
+    assert cfg.metrics == ("127.0.0.1", 9464)
+    assert cfg.on_shutdown == "leave"
+    assert cfg.socket == tmp_path / "s.sock"
+    assert cfg.templates["py-hello"].min_warm == 2 and cfg.templates["py-hello"].max_live == 8
+    assert cfg.templates["py-hello"].ttl == 60.0
+    assert cfg.templates["other"].max_live == 4
+
+
+@pytest.mark.parametrize("text,field,problem", [
+    ("[servic]\n", "servic", "did you mean 'service'"),
+    ("[service]\non_shutdown = \"drop\"\n", "service.on_shutdown", "expected one of"),
+    ("[service]\nmetrics = \"9464\"\n", "service.metrics", "HOST:PORT"),
+    ("[service]\nmax_live = 0\n", "service.max_live", "at least 1"),
+    ("[service]\ndrain_timeout = \"10\"\n", "service.drain_timeout", "expected a number, got string"),
+    ("[templates.Bad_Name]\nmin_warm = 1\n", "templates.Bad_Name", "not a valid template name"),
+    ("[templates.x]\nmin_warm = 5\nmax_live = 2\n", "templates.x.min_warm", "more than max_live"),
+    ("[templates.x]\nwarm = 1\n", "templates.x.warm", "did you mean 'min_warm'"),
+    ("[service]\ntcp = \"127.0.0.1:7070\"\n", "service.token_file", "needs authentication"),
+])
+def test_bad_settings_name_the_field(tmp_path, text, field, problem):
+    with pytest.raises(SpecError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.field == field
+    assert problem in info.value.problem
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(SpecError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_config(write(tmp_path, "[service\n"))
+
+
+def test_token_file_must_be_private_and_long(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text("x" * 32)
+    tok.chmod(0o644)
+    with pytest.raises(SpecError, match="chmod 600"):
+        read_token(tok)
+    tok.chmod(0o600)
+    assert read_token(tok) == "x" * 32
+    tok.write_text("short")
+    with pytest.raises(SpecError, match="at least 16"):
+        read_token(tok)
