@@ -211,8 +211,15 @@ _DUMP_HINTS = [
      "[checkpoint] tcp_close = true"),
     (re.compile(r"nvidia|/dev/dri|kfd", re.I), "the app holds a GPU device, which CRIU cannot "
                                                "checkpoint here; load models on the CPU"),
-    (re.compile(r"[Ee]xternal|unix.*peer|Can't dump.*unix", re.I),
-     "the app holds a socket or file connected to something outside its tree"),
+    # a unix socket to a server outside the tree: "External socket is used" once the server has
+    # accepted, "Dangling connection" while the connection still waits in its backlog
+    (re.compile(r"[Ee]xternal|unix.*peer|Can't dump.*unix|Dangling connection", re.I),
+     "the app holds a socket or file connected to something outside its tree; open it after the "
+     "restore instead, or close it in a before_checkpoint hook"),
+    (re.compile(r"Can't dump ghost file"),
+     "the app holds a deleted file bigger than the ghost file limit (1 MiB unless [checkpoint] "
+     "ghost_limit says otherwise); close it before the checkpoint, or raise ghost_limit (the file "
+     "is copied into the image and recreated by every restore)"),
 ]
 
 

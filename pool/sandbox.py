@@ -120,8 +120,13 @@ class BootedApp:
 
     def kill(self) -> None:
         """Kill the whole app (SIGKILL to PID 1 ends its namespace) and reap the launcher."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.root_pid, signal.SIGKILL)
+        if self.root_pid > 0:  # -1 until PID 1 is known, and kill(-1) would signal every process
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.root_pid, signal.SIGKILL)
+            # unshare reaps PID 1 and exits; killing unshare first would orphan PID 1 to us when we
+            # are a child subreaper (as any Restorer makes us), and nobody would reap it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.launcher.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             self.launcher.kill()
         self.launcher.wait()
