@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import netns, sandbox, store
+from . import hints, netns, sandbox, store
 from .criu import Criu, DumpOptions
 from .errors import BuildError, CriuError, CriuFailed
 from .spec import Spec
@@ -69,8 +69,11 @@ def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quie
                           opts=DumpOptions(tcp_close=spec.checkpoint.tcp_close,
                                            ghost_limit=spec.checkpoint.ghost_limit))
             except CriuFailed as e:
-                raise BuildError("checkpointing", _explain_dump_failure(e.log_tail),
-                                 output_tail=e.log_tail) from e
+                hint = hints.explain(hints.DUMP, e.log_tail)
+                raise BuildError("checkpointing",
+                                 "CRIU refused the checkpoint" + (f": {hint}" if hint else "")
+                                 + f"\n--- CRIU log ---\n{e.log_tail}",
+                                 output_tail=app.output.text()) from e
             dump_s = time.monotonic() - t_dump
             criu.cpuinfo_dump(image)
         except (BuildError, CriuError):
@@ -200,31 +203,3 @@ def _warm_up(app: sandbox.BootedApp, spec: Spec, progress: Progress) -> float:
                 raise BuildError("warming up", f"{w.method} {url} answered {status} "
                                                f"(round {i + 1})", output_tail=app.output.text())
     return time.monotonic() - t0
-
-
-# CRIU's errors for things a template cannot hold, with what the user can do about them.
-_DUMP_HINTS = [
-    (re.compile(r"io_uring"), "the app uses io_uring, which CRIU cannot checkpoint; for Node "
-                              "set UV_USE_IO_URING=0 (the builder sets it by default)"),
-    (re.compile(r"Connected TCP|TCP connection|established", re.I),
-     "the app holds an established TCP connection; close it in a before_checkpoint hook or set "
-     "[checkpoint] tcp_close = true"),
-    (re.compile(r"nvidia|/dev/dri|kfd", re.I), "the app holds a GPU device, which CRIU cannot "
-                                               "checkpoint here; load models on the CPU"),
-    # a unix socket to a server outside the tree: "External socket is used" once the server has
-    # accepted, "Dangling connection" while the connection still waits in its backlog
-    (re.compile(r"[Ee]xternal|unix.*peer|Can't dump.*unix|Dangling connection", re.I),
-     "the app holds a socket or file connected to something outside its tree; open it after the "
-     "restore instead, or close it in a before_checkpoint hook"),
-    (re.compile(r"Can't dump ghost file"),
-     "the app holds a deleted file bigger than the ghost file limit (1 MiB unless [checkpoint] "
-     "ghost_limit says otherwise); close it before the checkpoint, or raise ghost_limit (the file "
-     "is copied into the image and recreated by every restore)"),
-]
-
-
-def _explain_dump_failure(log: str) -> str:
-    for pattern, hint in _DUMP_HINTS:
-        if pattern.search(log):
-            return f"CRIU refused the checkpoint: {hint}"
-    return "CRIU refused the checkpoint (see its log below)"

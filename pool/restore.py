@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import control, netns
+from . import control, hints, netns
 from .criu import Criu, RestoreOptions, become_subreaper
 from .errors import CriuError, CriuFailed, Incompatible, RestoreError
 from .instance import Instance
@@ -59,6 +59,7 @@ class Restorer:
         self.verify = verify
         self._checked: set[str] = set()  # build ids known compatible and intact on this node
         self._lock = threading.Lock()
+        self._ghost_locks: dict[str, threading.Lock] = {}  # build id -> lock (see _one_at_a_time)
         become_subreaper()  # every copy becomes our child, to reap and to count
 
     # -- step 1 and 2: is this image fit to restore here? --------------------------------------------
@@ -93,6 +94,18 @@ class Restorer:
         else:
             template.verify(full=False)  # cheap: catches a truncated or replaced file
         return template
+
+    def _one_at_a_time(self, template: Template):
+        """A lock for templates whose restores must not overlap, else a no-op.
+
+        A deleted file the app held (a "ghost file", e.g. a multiprocessing semaphore in /dev/shm)
+        is recreated at its old path by every restore and unlinked when the restore ends, so two
+        restores at once collide on that path. Only the CRIU call is serialized.
+        """
+        if not any(f.startswith("ghost-file") for f in template.manifest["files"]):
+            return contextlib.nullcontext()
+        with self._lock:
+            return self._ghost_locks.setdefault(template.build_id, threading.Lock())
 
     # -- steps 3 to 5 ----------------------------------------------------------------------------
     def restore(self, name: str, instance_id: str | None = None) -> Instance:
@@ -130,11 +143,15 @@ class Restorer:
             tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
             t0 = time.monotonic()
             try:
-                pid = self.criu.restore(template.image_dir, log_dir=run_dir,
-                                        timeout=self.restore_timeout,
-                                        opts=RestoreOptions(inherit_fds=inherit, tcp_close=tcp_close))
+                with self._one_at_a_time(template):
+                    pid = self.criu.restore(template.image_dir, log_dir=run_dir,
+                                            timeout=self.restore_timeout,
+                                            opts=RestoreOptions(inherit_fds=inherit,
+                                                                tcp_close=tcp_close))
             except CriuError as e:
-                raise RestoreError("restoring with CRIU", e.message) from e
+                hint = hints.explain(hints.RESTORE, e.message)
+                raise RestoreError("restoring with CRIU",
+                                   f"{hint}\n{e.message}" if hint else e.message) from e
             took = time.monotonic() - t0
             for fd in theirs:
                 os.close(fd)
