@@ -267,6 +267,8 @@ def _identity_message(identity: Identity, timeout: float) -> dict:
 
 
 def _no_ack(inst: Instance, timeout: float, timed_out: bool) -> RestoreError:
+    if not timed_out:
+        inst.wait(0.5)  # the channel broke: the copy is most likely dying; let its PID 1 finish
     if inst.poll() is not None:
         return RestoreError(HANDOVER, f"the copy exited with status {inst.exit_status} before it acked")
     if timed_out:
