@@ -11,14 +11,15 @@ import contextlib
 import errno as errno_mod
 import os
 import re
-import shutil
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +64,10 @@ class DumpOptions:
     tcp_close: bool = False
     ghost_limit: int | None = None
     log_level: int = 4
+    # Post-copy: CRIU writes every image but the lazy memory pages, then serves those pages from
+    # this address until the target's lazy-pages daemon has taken them all (see dump_lazy).
+    lazy_pages: bool = False
+    page_server: tuple[str, int] | None = None
 
 
 @dataclass
@@ -72,6 +77,8 @@ class RestoreOptions:
     tcp_close: bool = False
     rst_sibling: bool = False
     log_level: int = 2
+    # Memory comes on demand from a lazy-pages daemon (see lazy_pages) listening in log_dir.
+    lazy_pages: bool = False
 
 
 def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -216,8 +223,11 @@ class Criu:
         worker.start()
         worker.join(timeout)
         if worker.is_alive():
-            _kill_tree(proc.pid)
+            killed = _kill_tree(proc.pid)
             worker.join(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # once CRIU is reaped, what it had restored is reparented to us
+            _reap_orphans(killed - {proc.pid})
             raise CriuTimeout(op, f"no answer within {timeout:g}s; CRIU was killed",
                               log_tail=_read_tail(log_file), log_path=_str(log_file))
         err = result.get("error")
@@ -253,12 +263,15 @@ class Criu:
             raise
 
     def _dump(self, pid: int, images_dir: Path, opts: DumpOptions, timeout: float,
-              log_dir: Path) -> Path:
+              log_dir: Path, status_fd: int | None = None,
+              watch: list[subprocess.Popen] | None = None) -> Path:
         img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
         log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
         log_path = log_dir / "dump.log"
         try:
             with self._swrk((img_fd, log_fd)) as (client, proc):
+                if watch is not None:
+                    watch.append(proc)
                 o = client.opts
                 o.images_dir_fd = img_fd
                 o.work_dir_fd = log_fd
@@ -275,6 +288,12 @@ class Criu:
                     o.external.append(ext)
                 if opts.ghost_limit is not None:
                     o.ghost_limit = opts.ghost_limit
+                if opts.lazy_pages:
+                    o.lazy_pages = True
+                    if opts.page_server is not None:
+                        o.ps.address, o.ps.port = opts.page_server
+                if status_fd is not None:
+                    o.status_fd = status_fd  # CRIU opens /proc/OURPID/fd/N and writes once ready
                 self._call("dump", lambda c: c.dump(), client, proc, timeout, log_path)
         finally:
             os.close(img_fd)
@@ -305,6 +324,7 @@ class Criu:
                 o.file_locks = True
                 o.tcp_close = opts.tcp_close
                 o.rst_sibling = opts.rst_sibling
+                o.lazy_pages = opts.lazy_pages
                 for key, fd in opts.inherit_fds.items():
                     o.inherit_fd.add(key=key, fd=fd)
                 resp = self._call("restore", lambda c: c.restore(), client, proc, timeout, log_path)
@@ -312,6 +332,69 @@ class Criu:
             os.close(img_fd)
             os.close(log_fd)
         return int(resp.pid)
+
+    # -- lazy pages (post-copy) -------------------------------------------------------------------
+    def dump_lazy(self, pid: int, images_dir: Path, page_server: tuple[str, int], *,
+                  opts: DumpOptions | None = None, ready_timeout: float = 60.0,
+                  timeout: float = 300.0, log_dir: Path) -> "LazyDump":
+        """Start a lazy dump; return once images_dir is complete and its page server listens.
+
+        The tree stays frozen while the pages are served; the returned LazyDump ends when the
+        target has taken every page (then the tree is killed, or resumed with leave_running), or
+        after `timeout` seconds in all (CRIU killed: the tree is resumed, as after a failed dump).
+        Needs fs.pipe-max-size >= 4 MiB: CRIU holds the pages in pipes and cannot grow them here.
+        """
+        opts = replace(opts or DumpOptions(), lazy_pages=True, page_server=page_server)
+        images_dir.mkdir(mode=0o700)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        job = LazyDump(log_dir / "dump.log")
+        job.start(lambda: self._dump(pid, images_dir, opts, timeout, log_dir, status_fd=ready_w,
+                                     watch=job.procs))
+        try:
+            job.wait_ready(ready_r, ready_timeout)
+        except BaseException:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            raise
+        finally:
+            os.close(ready_r)
+            os.close(ready_w)
+        return job
+
+    def lazy_pages(self, images_dir: Path, work_dir: Path, *,
+                   page_server: tuple[str, int] | None = None,
+                   ready_timeout: float = 30.0) -> "LazyPages":
+        """Start `criu lazy-pages` for one restore from images_dir (no RPC exists for it).
+
+        It listens on work_dir/lazy-pages.socket, so the lazy restore must use the same work_dir
+        (our restore uses log_dir). With page_server it fetches pages from a lazy dump's page
+        server, else it reads them from the images' pages files. It exits once every page is in.
+        """
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        args = [self.binary, "lazy-pages", "-D", str(images_dir), "-W", str(work_dir),
+                "-o", "lazy-pages.log", "-v4", "--status-fd", str(ready_w)]
+        if page_server is not None:
+            args += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
+        try:
+            proc = subprocess.Popen(args, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise CriuUnavailable(f"cannot start {self.binary} lazy-pages: {e.strerror}",
+                                  path=self.binary, errno=e.errno) from e
+        os.close(ready_w)
+        daemon = LazyPages(proc, work_dir / "lazy-pages.log")
+        try:
+            ready = _wait_status(ready_r, ready_timeout, proc.poll)
+        finally:
+            os.close(ready_r)
+        if not ready:
+            daemon.kill()
+            why = (f"exited with status {proc.returncode}" if proc.returncode is not None
+                   else f"not ready within {ready_timeout:g}s; killed")
+            raise CriuFailed("lazy-pages", why, log_tail=daemon.log_tail(),
+                             log_path=str(daemon.log_path))
+        return daemon
 
     def cpuinfo_dump(self, images_dir: Path) -> None:
         """Record this node's CPU features (cpuinfo.img) next to a template's images."""
@@ -332,6 +415,102 @@ class Criu:
                                  log_tail=log_tail(text))
 
 
+class LazyDump:
+    """A lazy dump running in a thread: its page server serves the pages until the target has them."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.procs: list[subprocess.Popen] = []  # the `criu swrk` serving the pages, once started
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, fn) -> None:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001  re-raised by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=target, name="criu-lazy-dump", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, ready_fd: int, timeout: float) -> None:
+        """Until CRIU says its page server listens; raises the dump's error if it ended first."""
+        assert self._thread is not None
+        if _wait_status(ready_fd, timeout, lambda: None if self._thread.is_alive() else 0):
+            return
+        if self._thread.is_alive():
+            self.kill()
+            self._thread.join(30)
+            self._error = None
+            raise CriuTimeout("dump", f"lazy dump not ready within {timeout:g}s; CRIU was killed",
+                              log_tail=_read_tail(self.log_path), log_path=str(self.log_path))
+        self.wait(0)  # raises the dump's own error
+        raise CriuFailed("dump", "lazy dump ended before its page server started",
+                         log_tail=_read_tail(self.log_path), log_path=str(self.log_path))
+
+    def kill(self) -> None:
+        """Abort: kill CRIU. The dumped tree is resumed (its tracer is gone), as after a failed dump."""
+        for proc in self.procs:
+            _kill_tree(proc.pid)
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the dump has ended (raising its error, if any); False if still serving."""
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return True
+
+
+class LazyPages:
+    """A running `criu lazy-pages` daemon (feeds one lazily restored tree its memory)."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status once every page was delivered; CriuTimeout (daemon killed) after timeout."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired as e:
+            self.kill()
+            raise CriuTimeout("lazy-pages", f"pages not all delivered within {timeout:g}s; killed",
+                              log_tail=self.log_tail(), log_path=str(self.log_path)) from e
+        if rc != 0:
+            raise CriuFailed("lazy-pages", f"exit status {rc}", log_tail=self.log_tail(),
+                             log_path=str(self.log_path))
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self) -> str:
+        return _read_tail(self.log_path)
+
+
+def _wait_status(fd: int, timeout: float, ended) -> bool:
+    """Wait for CRIU's status-fd byte; False on timeout or once ended() says the writer is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if select.select([fd], [], [], min(left, 0.05))[0]:
+            return os.read(fd, 1) == b"\0"  # EOF: CRIU closed it without saying ready
+        if ended() is not None:
+            return False
+
+
 def become_subreaper() -> None:
     """Make this process the reaper of every restored copy (PR_SET_CHILD_SUBREAPER)."""
     import ctypes  # noqa: PLC0415
@@ -342,7 +521,7 @@ def become_subreaper() -> None:
         raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
 
 
-def _kill_tree(pid: int) -> None:
+def _kill_tree(pid: int) -> set[int]:
     """SIGKILL a process and its descendants (CRIU plus whatever it had half-restored)."""
     import psutil  # noqa: PLC0415
 
@@ -350,10 +529,27 @@ def _kill_tree(pid: int) -> None:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return
+        return set()
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGKILL)
+    return {p.pid for p in procs}
+
+
+def _reap_orphans(pids: set[int], timeout: float = 3.0) -> None:
+    """Reap killed descendants of a dead CRIU that were reparented to us (we are a subreaper):
+    else a half-restored copy stays our zombie."""
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    left.discard(pid)
+            except ChildProcessError:  # not ours: gone, or reaped by init
+                left.discard(pid)
+        if left:
+            time.sleep(0.02)
 
 
 def _drain(proc: subprocess.Popen) -> str:

@@ -147,6 +147,12 @@ class NodeUnavailable(PoolError):
     code = "node_unavailable"
 
 
+class TransferError(PoolError):
+    """Shipping a template between nodes failed (connection, peer, deadline); safe to retry."""
+
+    code = "transfer_failed"
+
+
 # --- wire -------------------------------------------------------------------------------------------
 class ProtocolError(PoolError):
     """A peer sent something that is not a valid frame or message."""

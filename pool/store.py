@@ -30,6 +30,9 @@ from .errors import TemplateCorrupt, TemplateNotFound
 MANIFEST = "manifest.json"
 FORMAT = 1
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
+_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 KEEP_PREVIOUS = 1
 
 
@@ -141,8 +144,37 @@ class Store:
             files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest["files"] = files
         manifest["image_bytes"] = sum(f["size"] for f in files.values())
+        return self._install(name, staged, manifest)
+
+    def publish_received(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
+        """Publish a build made on another node, keeping its build_id and manifest as they are.
+
+        staged/image must hold exactly the manifest's files, each matching its size and sha256
+        (TemplateCorrupt otherwise, and nothing is published). If that build is already here it
+        is reused: publishing the same build twice is harmless.
+        """
+        problem = manifest_problem(manifest, name)
+        if problem:
+            raise TemplateCorrupt(name, problem)
+        received = Template(name=name, build_dir=staged, manifest=manifest)
+        received.verify(full=True)
+        final = self.root / name / "builds" / manifest["build_id"]
+        if final.is_dir():
+            try:
+                Template(name=name, build_dir=final, manifest=manifest).verify(full=True)
+            except TemplateCorrupt:
+                shutil.rmtree(final, ignore_errors=True)  # a damaged leftover: replace it
+            else:
+                shutil.rmtree(staged, ignore_errors=True)
+                return self._swap(name, final)
+        for p in (staged / "image").iterdir():
+            os.chmod(p, 0o600)
+        return self._install(name, staged, manifest)
+
+    def _install(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
+        """Write the manifest, sync, move staged into builds/ and swap `current` to it."""
         _write_private(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for d in (staged, image):
+        for d in (staged, staged / "image"):
             os.chmod(d, 0o700)
         _fsync_tree(staged)
 
@@ -152,12 +184,41 @@ class Store:
         os.chmod(tdir, 0o700)
         final = builds / manifest["build_id"]
         os.rename(staged, final)
+        return self._swap(name, final)
+
+    def _swap(self, name: str, final: Path) -> Template:
+        tdir = self.root / name
         tmp_link = tdir / f".current.{os.getpid()}.{time.monotonic_ns()}"
         os.symlink(Path("builds") / final.name, tmp_link)
         os.rename(tmp_link, tdir / "current")  # the point of publication
         _fsync_dir(tdir)
         self._prune(tdir, keep=final.name)
         return self.get(name)
+
+    # -- receiving from another node (pool/transfer.py) ---------------------------------------------
+    def partial_dir(self, name: str, build_id: str) -> Path:
+        """A directory that keeps a build being received across interrupted transfers.
+
+        Laid out like a build dir (image/ only); restores never look here. Only files verified
+        against the sender's manifest carry their final name; the file in flight ends in .part.
+        Partial dirs of other builds of NAME are dropped: they can no longer be completed.
+        """
+        if not _NAME_RE.match(name) or not _BUILD_ID_RE.match(build_id):
+            raise ValueError(f"bad template name {name!r} or build id {build_id!r}")
+        self._ensure_root()
+        root = self.root / ".partial"
+        root.mkdir(exist_ok=True, mode=0o700)
+        for old in root.glob(f"{name}@*"):  # '@' is in neither names nor build ids
+            if old.name != f"{name}@{build_id}" and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        path = root / f"{name}@{build_id}"
+        (path / "image").mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def drop_partial(self, name: str) -> None:
+        for old in (self.root / ".partial").glob(f"{name}@*"):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
     def remove(self, name: str) -> None:
         tdir = self.root / name
@@ -172,6 +233,30 @@ class Store:
                         key=lambda p: p.stat().st_mtime, reverse=True)
         for old in builds[KEEP_PREVIOUS:]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_problem(manifest: Any, name: str) -> str | None:
+    """What makes a manifest from elsewhere unusable here (its names become paths), or None."""
+    if not isinstance(manifest, dict):
+        return "the manifest is not a map"
+    if manifest.get("format") != FORMAT or manifest.get("name") != name:
+        return (f"{MANIFEST} has format {manifest.get('format')!r} and name "
+                f"{manifest.get('name')!r}, expected {FORMAT} and {name!r}")
+    if not isinstance(manifest.get("build_id"), str) or not _BUILD_ID_RE.match(manifest["build_id"]):
+        return f"bad build id {manifest.get('build_id')!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "the manifest lists no image files"
+    for rel, meta in files.items():
+        if not isinstance(rel, str) or not _FILE_RE.match(rel):
+            return f"bad image file name {rel!r}"
+        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int)
+                or isinstance(meta.get("size"), bool) or meta["size"] < 0
+                or not isinstance(meta.get("sha256"), str) or not _SHA_RE.match(meta["sha256"])):
+            return f"bad size or sha256 for {rel}"
+    if manifest.get("image_bytes") != sum(m["size"] for m in files.values()):
+        return "image_bytes is not the sum of the file sizes"
+    return None
 
 
 def new_build_id() -> str:
