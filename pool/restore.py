@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import re
 import secrets
 import shutil
 import tempfile
@@ -21,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import control, hints, netns
+from . import compat, control, hints, netns
 from .criu import Criu, RestoreOptions, become_subreaper
 from .errors import CriuError, CriuFailed, Incompatible, RestoreError
 from .instance import Instance
@@ -43,10 +41,6 @@ def new_instance_id() -> str:
     return secrets.token_hex(6)
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
-
-
 class Restorer:
     """Restores templates from one store on this node. Thread-safe; restores may run concurrently."""
 
@@ -64,18 +58,8 @@ class Restorer:
 
     # -- step 1 and 2: is this image fit to restore here? --------------------------------------------
     def check_compatible(self, template: Template) -> None:
-        m = template.manifest
-        here_arch = platform.machine()
-        if m.get("arch") != here_arch:
-            raise Incompatible(f"image is for {m.get('arch')}, this node is {here_arch}",
-                               template=template.name)
-        have, need = self.criu.version(), _version_tuple(str(m.get("criu_version", "")))
-        if (have.major, have.minor) < need:
-            raise Incompatible(f"image was dumped by CRIU {m.get('criu_version')}, this node has "
-                               f"CRIU {have}", template=template.name)
-        if _version_tuple(platform.release()) < _version_tuple(str(m.get("kernel", ""))):
-            raise Incompatible(f"image was dumped on kernel {m.get('kernel')}, this node runs the "
-                               f"older {platform.release()}", template=template.name)
+        """Architecture, CRIU and kernel (compat.py), then CPU features via CRIU's cpuinfo check."""
+        compat.check(template.manifest, compat.node_facts(self.criu))
         try:
             self.criu.cpuinfo_check(template.image_dir)
         except CriuFailed as e:

@@ -30,6 +30,15 @@ fi
 
 scripts/install-criu.sh
 
+# Lazy restore (post-copy) needs CRIU to grow its pipes to 4 MiB, which root here cannot do by
+# itself (no CAP_SYS_RESOURCE): raise the limit, never lower it.
+want=4194304
+have=$(cat /proc/sys/fs/pipe-max-size)
+if [ "$have" -lt "$want" ]; then
+  log "raising fs.pipe-max-size from $have to $want (lazy restore)"
+  sysctl -q -w fs.pipe-max-size=$want || log "warning: could not raise fs.pipe-max-size: lazy restore unavailable"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv $VENV"
   "$PYTHON" -m venv "$VENV"
