@@ -1,4 +1,5 @@
-"""`pool` commands that run or talk to the service: serve, spawn, ls, kill, logs, stats, set-warm.
+"""`pool` commands that run or talk to the service: serve, agent, spawn, ls, kill, logs, stats,
+set-warm, nodes, push, fork.
 
 Client commands find the service at --socket, else $POOL_SOCKET, else /run/pool/pool.sock.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 
@@ -44,16 +46,65 @@ def cmd_serve(args) -> int:
     return serve(cfg)
 
 
+def cmd_agent(args) -> int:
+    from .agent import run_agent  # noqa: PLC0415
+    from .service_config import load_config, parse_hostport  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = load_config(args.config, store=args.agent_store or args.store, run_dir=args.run_dir)
+    listen = parse_hostport(args.listen, "command line", "--listen")
+    return run_agent(cfg, listen, args.token_file, args.name or socket.gethostname())
+
+
 # -- client commands ---------------------------------------------------------------------------------
 def cmd_spawn(args) -> int:
     with _client(args) as c:
         inst = c.spawn(args.name, env=dict(args.env), args=list(args.args), timeout=args.timeout,
-                       hostname=args.hostname)
+                       hostname=args.hostname, node=args.node)
         if args.json:
             _print_json({k: v for k, v in vars(inst).items() if not k.startswith("_")})
         else:
             addr = f"  http://{inst.address}/" if inst.address else ""
-            print(f"{inst.id}  pid {inst.pid}  {inst.path} in {inst.spawn_ms:.2f} ms{addr}")
+            print(f"{inst.id}  node {inst.node}  pid {inst.pid}  {inst.path} in "
+                  f"{inst.spawn_ms:.2f} ms{addr}")
+    return 0
+
+
+def cmd_nodes(args) -> int:
+    with _client(args) as c:
+        rows = c.nodes()
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'NODE':<12} {'STATE':<6} {'ADDRESS':<22} {'FREE':>5}  TEMPLATES")
+    for r in rows:
+        print(f"{r['name']:<12} {'up' if r['healthy'] else 'down':<6} {r['address'] or '-':<22} "
+              f"{r['free']:>5}  {', '.join(sorted(r['templates'])) or '-'}"
+              + (f"  ({r['last_error']})" if r.get("last_error") else ""))
+    return 0
+
+
+def cmd_push(args) -> int:
+    with _client(args) as c:
+        r = c.push(args.name, args.node, timeout=args.timeout)
+    if r.get("already_current"):
+        print(f"{args.name}: node {args.node} already has this build")
+    else:
+        print(f"{args.name} -> {args.node}: {r['files_sent']} files, "
+              f"{r['bytes_wire'] / 2**20:.1f} MB on the wire ({r['codec']}) in {r['seconds']:.2f}s")
+    return 0
+
+
+def cmd_fork(args) -> int:
+    with _client(args) as c:
+        r = c.fork(args.id, node=args.node, lazy=args.lazy, hostname=args.hostname,
+                   timeout=args.timeout)
+    if args.json:
+        _print_json(r)
+    else:
+        addr = f"  http://{r['address']}/" if r.get("address") else ""
+        print(f"{r['id']}  node {r['node']}  pid {r['pid']}  {r['path']} fork of {args.id}{addr}")
     return 0
 
 
@@ -153,8 +204,43 @@ def add_commands(sub, env_pair) -> None:
                    help="environment override (repeatable; SDK templates)")
     s.add_argument("--hostname", help="hostname of the copy")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a copy")
+    s.add_argument("--node", help="spawn on this node (default: the scheduler picks)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_spawn, takes_args=True)
+
+    s = sub.add_parser("agent", help="run a node agent a coordinator schedules onto (docs/nodes.md)")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address to serve on")
+    s.add_argument("--token-file", required=True, help="the token coordinators must present")
+    s.add_argument("--store", dest="agent_store", metavar="STORE", help="this node's template cache")
+    s.add_argument("--run-dir", help="instances' private dirs (default $POOL_RUN_DIR)")
+    s.add_argument("--config", help="TOML: [service] capacity, max_live...; [templates.NAME]")
+    s.add_argument("--name", help="this node's name in replies (default: the hostname)")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    s.set_defaults(func=cmd_agent)
+
+    s = sub.add_parser("nodes", help="the coordinator's nodes: health, cached templates, capacity")
+    socket_opt(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("push", help="ship a template to a node now (else: on its first spawn)")
+    socket_opt(s)
+    s.add_argument("name")
+    s.add_argument("--node", required=True)
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("fork", help="checkpoint a running instance (it keeps running) and restore "
+                                    "a copy of it, memory state included, on a node")
+    socket_opt(s)
+    s.add_argument("id")
+    s.add_argument("--node", help="target node (default: the scheduler picks)")
+    s.add_argument("--lazy", action="store_true", help="restore at once, memory on demand "
+                                                       "(page server; fs.pipe-max-size >= 4 MiB)")
+    s.add_argument("--hostname", help="hostname of the copy")
+    s.add_argument("--timeout", type=float, default=120.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_fork)
 
     s = sub.add_parser("ls", help="list running instances")
     socket_opt(s)

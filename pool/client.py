@@ -141,6 +141,20 @@ class Client:
     def ping(self) -> dict:
         return self.call("ping")
 
+    def nodes(self) -> list[dict]:
+        return self.call("nodes")
+
+    def push(self, template: str, node: str, timeout: float = 600.0) -> dict:
+        return self.call("push", {"template": template, "node": node, "timeout": float(timeout)},
+                         timeout + SPAWN_SLACK)
+
+    def fork(self, id: str, node: str | None = None, lazy: bool = False,  # noqa: A002
+             hostname: str | None = None, timeout: float = 120.0) -> dict:
+        """Checkpoint running instance id (it keeps running) and restore a copy on node; the
+        reply is the copy's (id, node, pid, address, path, forked_from)."""
+        return self.call("fork", {"id": id, "node": node, "lazy": lazy, "hostname": hostname,
+                                  "timeout": float(timeout)}, timeout * 3 + SPAWN_SLACK)
+
     def close(self) -> None:
         self._rpc.close()
 
@@ -232,6 +246,9 @@ class AsyncClient:
 
     async def ping(self) -> dict:
         return await self.call("ping")
+
+    async def nodes(self) -> list[dict]:
+        return await self.call("nodes")
 
     async def close(self) -> None:
         await self._rpc.close()

@@ -186,7 +186,27 @@ METHODS: dict[str, dict[str, Param]] = {
     "templates": {},
     "stats": {},
     "set_warm": {"template": req(STR), "min_warm": req(COUNT)},
+    # coordinator: its nodes, shipping a template to one, forking an instance onto one
+    "nodes": {},
+    "push": {"template": req(STR), "node": req(STR), "timeout": opt(DURATION, 600.0)},
+    "fork": {"id": req(STR), "node": opt(optional(STR)), "lazy": opt(BOOL, False),
+             "hostname": opt(optional(STR)), "timeout": opt(DURATION, 120.0)},
+    # node (`pool agent`), asked by a coordinator
+    "facts": {},
+    "fetch_template": {"name": req(STR), "source": req(STR), "build_id": opt(optional(STR)),
+                       "token": opt(optional(STR)), "timeout": opt(DURATION, 600.0)},
+    "fork_checkpoint": {"id": req(STR), "lazy": opt(BOOL, False), "timeout": opt(DURATION, 120.0)},
+    "fork_release": {"template": req(STR), "abort": opt(BOOL, False)},
+    "fork_restore": {"template": req(STR), "source": req(STR), "build_id": req(STR),
+                     "token": req(STR), "page_server": opt(optional(STR)),
+                     "hostname": opt(optional(STR)), "timeout": opt(DURATION, 60.0)},
 }
+# Which side answers which methods (both share the table above).
+NODE_METHODS = frozenset({"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
+                          "stats", "set_warm", "facts", "fetch_template", "fork_checkpoint",
+                          "fork_release", "fork_restore"})
+COORDINATOR_METHODS = frozenset(set(METHODS) - {"facts", "fetch_template", "fork_checkpoint",
+                                                "fork_release", "fork_restore"})
 
 
 # --- messages -------------------------------------------------------------------------------------------

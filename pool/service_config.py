@@ -8,6 +8,13 @@
     drain_timeout = 10.0           # seconds in-flight spawns get on SIGTERM
     on_shutdown = "kill"           # or "leave": live instances outlive the service
     max_live = 32                  # default cap per template
+    capacity = 64                  # copies this node takes in all (what it reports to a coordinator)
+    local_node = true              # false: a pure coordinator; spawns go to [nodes.*] only
+    source = "10.0.0.1:0"          # where the coordinator serves templates to agents (HOST:PORT)
+    heartbeat_s = 1.0              # nodes are pinged this often; down after 3 missed
+    [nodes.n2]                     # a `pool agent` (see docs/nodes.md)
+    address = "10.0.0.2:7070"
+    token_file = "/etc/pool/n2.token"
     [templates.py-hello]
     min_warm = 2                   # restored copies kept waiting for a spawn
     max_live = 32                  # warm + live copies
@@ -30,10 +37,12 @@ from .warm import WarmSettings
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
                 "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
-                "early_death_s", "exited_history", "max_live")
+                "early_death_s", "exited_history", "max_live", "capacity", "local_node",
+                "source", "heartbeat_s")
+NODE_KEYS = ("address", "token_file")
 TEMPLATE_KEYS = ("min_warm", "max_live", "ttl", "idle_timeout")
 PATH_KEYS = ("socket", "store", "run_dir", "token_file")
-HOSTPORT_KEYS = ("tcp", "metrics")
+HOSTPORT_KEYS = ("tcp", "metrics", "source")
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,22 @@ class ServiceConfig:
     quarantine_after: int = 3
     early_death_s: float = 2.0
     exited_history: int = 1000           # exited instances kept for info/logs
+    capacity: int = 64                   # copies this node takes in all templates together
+    local_node: bool = True              # the coordinator also runs copies itself (node "local")
+    source: tuple[str, int] | None = None  # template source for agents; default: host of tcp, port 0
+    heartbeat_s: float = 1.0
     defaults: WarmSettings = WarmSettings()
     templates: dict[str, WarmSettings] = field(default_factory=dict)
+    nodes: dict[str, "NodeConfig"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A remote node (`pool agent`) the coordinator schedules onto."""
+
+    name: str
+    address: tuple[str, int]
+    token_file: Path
 
 
 def parse_hostport(text: str, path: str, fld: str) -> tuple[str, int]:
@@ -62,6 +85,10 @@ def parse_hostport(text: str, path: str, fld: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be more than 0, got {v}"
+
+
 def _non_negative(v: float) -> str | None:
     return None if v >= 0 else f"must be 0 or more, got {v}"
 
@@ -69,7 +96,7 @@ def _non_negative(v: float) -> str | None:
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServiceConfig:
     """Read a service TOML file (optional) and apply overrides (CLI flags; None means unset)."""
     where = Path(path) if path else Path("<defaults>")
-    top = Table(where, load_toml(where) if path else {}, "", ("service", "templates"))
+    top = Table(where, load_toml(where) if path else {}, "", ("service", "templates", "nodes"))
     s = top.table("service", SERVICE_KEYS) or Table(where, {}, "service", ())
     max_live_default = s.get("max_live", "int", 32, at_least(1))
     kw: dict[str, Any] = dict(
@@ -80,6 +107,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         quarantine_after=s.get("quarantine_after", "int", 3, at_least(1)),
         early_death_s=s.get("early_death_s", "float", 2.0, _non_negative),
         exited_history=s.get("exited_history", "int", 1000, at_least(0)),
+        capacity=s.get("capacity", "int", 64, at_least(1)),
+        local_node=s.get("local_node", "bool", True),
+        heartbeat_s=s.get("heartbeat_s", "float", 1.0, _positive),
         defaults=WarmSettings(0, max_live_default))
     for key in PATH_KEYS:
         if v := s.get(key, "str", None):
@@ -100,6 +130,15 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         if ws.min_warm > ws.max_live:
             t.fail("min_warm", f"{ws.min_warm} is more than max_live ({ws.max_live})")
         kw["templates"][name] = ws
+    nodes = top.table("nodes", None) or Table(where, {}, "nodes", ())
+    kw["nodes"] = {}
+    for name in nodes.data:
+        if not _NAME_RE.match(name) or name == "local":
+            nodes.fail(name, "not a valid node name (a-z, 0-9, . _ -; not 'local')")
+        n = nodes.table(name, NODE_KEYS)
+        kw["nodes"][name] = NodeConfig(
+            name, parse_hostport(n.get("address", "str"), str(where), f"nodes.{name}.address"),
+            Path(n.get("token_file", "str")))
     for key, v in overrides.items():
         if v is None:
             continue

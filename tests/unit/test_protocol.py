@@ -100,7 +100,9 @@ def test_defaults_are_filled_and_fresh():
 
 def test_every_method_has_a_schema_entry():
     assert set(P.METHODS) == {"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
-                              "stats", "set_warm"}
+                              "stats", "set_warm", "nodes", "push", "fork", "facts",
+                              "fetch_template", "fork_checkpoint", "fork_release", "fork_restore"}
+    assert P.NODE_METHODS | P.COORDINATOR_METHODS == set(P.METHODS)
 
 
 @pytest.mark.parametrize("method,params,expect", [
