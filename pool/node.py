@@ -299,10 +299,16 @@ class NodeRuntime:
 
     async def _restore_copy(self, name: str):
         t0 = time.perf_counter()
-        inst = await self.run_blocking(self._restore_blocking, name)
+        pool = self.pools[name]
+        inst = await self.run_blocking(self.restorer.restore, name)
         self.metrics.restored(name, time.perf_counter() - t0)
-        await self.adopt(inst, self.pools[name])
+        await self.adopt(inst, pool)
+        if not pool.waiting:  # it will wait warm: spend that time on its first faults, not a spawn's
+            self._background(self._prefault(inst.pid))
         return inst
+
+    async def _prefault(self, pid: int) -> None:
+        await self.run_blocking(prefault_code, pid)
 
     async def adopt(self, inst, pool: WarmPool, on_end=None) -> Copy:
         """Make a restored copy ours: watched, reaped, its port published."""
@@ -320,11 +326,6 @@ class NodeRuntime:
                 self._kill(c, 0, FAILED)
                 raise RestoreError("publishing the copy's port", str(e)) from e
         return c
-
-    def _restore_blocking(self, name: str):
-        inst = self.restorer.restore(name)
-        prefault_code(inst.pid)  # in the worker thread, so the spawn later does not pay for it
-        return inst
 
     def _discard(self, inst) -> None:
         c = self.copies.get(inst.id)
@@ -512,13 +513,18 @@ def _release_fds(inst) -> None:
             setattr(inst, name, None if name.startswith("ctl") else -1)
 
 
-def prefault_code(root_pid: int) -> None:
+PREFAULT_LIMIT = 32 << 20  # bytes of code per copy: the interpreter's own, not all of libtorch
+
+
+def prefault_code(root_pid: int, limit: int = PREFAULT_LIMIT) -> None:
     """Map the code pages of a restored copy's processes into their page tables.
 
     CRIU maps the copy's executable files afresh, so the first instructions it runs after restore
     fault each code page in: ~60 minor faults and ~0.25 ms on the first (warm) spawn's handshake.
     Reading the pages through /proc/PID/mem faults them into the copy's page tables now, while it
-    waits warm. Best effort: a copy that went away or a mapping we cannot read is skipped."""
+    waits warm; only the first `limit` bytes of code (the executable and the first libraries
+    mapped), since a big library's pages would cost far more than they save. Best effort: a copy
+    that went away or a mapping we cannot read is skipped."""
     import psutil  # noqa: PLC0415
 
     try:
@@ -533,6 +539,10 @@ def prefault_code(root_pid: int) -> None:
                     if fields[1] != "r-xp" or len(fields) < 6 or not fields[5].startswith("/"):
                         continue
                     start, end = (int(x, 16) for x in fields[0].split("-"))
+                    end = min(end, start + limit)
+                    limit -= end - start
+                    if end <= start:
+                        return
                     for addr in range(start, end, 4096):
                         try:
                             os.pread(mem.fileno(), 1, addr)
