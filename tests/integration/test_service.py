@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -279,3 +280,59 @@ def test_sigterm_drains_and_leaves_no_copies(service):
     log = svc.log.read_text()
     assert "draining" in log and "stopped" in log
     assert not list((svc.workdir / "run" / "instances").iterdir())
+
+
+def test_on_shutdown_leave_keeps_live_instances(service):
+    """on_shutdown = "leave": live instances outlive the service; warm copies do not."""
+    svc = service("[templates.py-hello]\nmin_warm = 1\n[service]\non_shutdown = \"leave\"\n")
+    svc.wait_warm("py-hello", 1)
+    with svc.client() as c:
+        inst = c.spawn("py-hello")
+    svc.wait_warm("py-hello", 1)
+    warm = _copies(svc.pid) - {inst.pid}
+    assert len(warm) == 1
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(30) == 0
+    try:
+        assert psutil.pid_exists(inst.pid) and psutil.Process(inst.pid).status() != psutil.STATUS_ZOMBIE
+        wait_until(lambda: not any(psutil.pid_exists(p) for p in warm), what="warm copy gone")
+        assert "leaving instance" in svc.log.read_text()
+    finally:
+        # The left instance is ours to end now (the service is gone; init reaps it).
+        psutil.Process(inst.pid).kill()
+        wait_until(lambda: not psutil.pid_exists(inst.pid), what="left instance gone")
+
+
+def test_second_signal_forces_exit(service):
+    """A copy that ignores SIGTERM holds up the drain; a second SIGTERM ends it at once."""
+    svc = service("[templates.py-hello]\nmin_warm = 0\n[service]\ndrain_timeout = 60\n"
+                  "kill_grace = 60\n")
+    with svc.client() as c:
+        inst = c.spawn("py-hello")
+    # tini forwards SIGTERM to the app's process group; make the app ignore it.
+    app = psutil.Process(inst.pid).children()[0]
+    os.kill(app.pid, signal.SIGSTOP)  # a stopped app does not act on SIGTERM until SIGKILL
+    svc.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert svc.proc.poll() is None  # still draining: the copy has 60 s of grace
+    t0 = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(20) == 0
+    assert time.monotonic() - t0 < 15
+    assert "forcing" in svc.log.read_text()
+    wait_until(lambda: not psutil.pid_exists(inst.pid)
+               or psutil.Process(inst.pid).status() == psutil.STATUS_ZOMBIE, what="copy gone")
+
+
+@pytest.mark.parametrize("setting,needle", [("ttl = 1.5", "ttl of 1.5s reached"),
+                                              ("idle_timeout = 1.0", "idle for 1s")])
+def test_ttl_and_idle_timeout_end_instances(service, setting, needle):
+    svc = service(f"[templates.py-hello]\nmin_warm = 0\n{setting}\n[service]\nkill_grace = 1\n")
+    with svc.client() as c:
+        inst = c.spawn("py-hello")
+        urllib.request.urlopen(f"http://{inst.address}/", timeout=10).read()  # traffic, then none
+        t0 = time.monotonic()
+        assert inst.wait(timeout=15) is not None
+        assert time.monotonic() - t0 >= 0.5
+        assert c.info(inst.id)["state"] in ("exited", "failed")
+    assert needle in svc.log.read_text()
