@@ -1,0 +1,82 @@
+"""The heavy templates (jvm-app, py-embed, node-app): each builds, restores and gives one correct
+answer; and the heavy benchmark still runs end to end on reduced counts (BENCH_QUICK=1, ~2 minutes).
+
+Their dependencies (Debian's Jackson, torch + sentence-transformers, typescript) are not skipped when
+missing: the module fixture runs scripts/setup-heavy.sh, which installs what is missing and takes well
+under a second when everything is there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pool import netns
+from pool.build import build
+from pool.restore import Identity, Restorer
+from pool.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "templates"
+
+# (method, path, body) and what a correct answer holds
+REQUESTS = {
+    "jvm-app": ("GET", "/lookup?key=k0000042", None),
+    "py-embed": ("POST", "/embed", b'{"text": "smoke test"}'),
+    "node-app": ("POST", "/transpile", b'{"code": "let n: number = 4 * 2;", "check": true}'),
+}
+
+
+def correct(name: str, r: dict) -> bool:
+    if name == "jvm-app":
+        return r["key"] == "k0000042" and r["score"] == (42 * 2654435761) % 1000003
+    if name == "py-embed":
+        v = r["embedding"]
+        return len(v) == 384 and abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3
+    return "let n = 4 * 2;" in r["js"] and r["diagnostics"] == []
+
+
+@pytest.fixture(scope="module")
+def heavy_deps():
+    subprocess.run([str(ROOT / "scripts/setup-heavy.sh")], check=True, timeout=1800)
+
+
+@pytest.mark.parametrize("name", ["jvm-app", "py-embed", "node-app"])
+def test_heavy_template_build_restore_answer(heavy_deps, store, criu, tmp_path, name):
+    template = build(load_spec(TEMPLATES / name), store, criu).template
+    inst = Restorer(store, criu, tmp_path / "run").spawn(name, Identity(f"smoke-{name}"))
+    try:
+        method, path, body = REQUESTS[name]
+        status, answer = netns.http_in(inst.netns_fd, f"http://127.0.0.1:{inst.port}{path}",
+                                       method=method, body=body, timeout=30)
+        assert status == 200, answer[:500]
+        assert correct(name, json.loads(answer)), answer[:500]
+    finally:
+        inst.kill(grace=0)
+        inst.close()
+    assert template.manifest["boot_to_ready_s"] >= 1.0, "a heavy template should take >= 1 s to boot"
+
+
+def test_heavy_bench_runs(heavy_deps, tmp_path):
+    out = tmp_path / "heavy.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_heavy_bench.py",
+         "--benchmark-only", "--benchmark-json", str(out)],
+        cwd=ROOT, env={**os.environ, "BENCH_QUICK": "1"}, capture_output=True, text=True, timeout=900,
+        check=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
+    for t in ("jvm-app", "py-embed", "node-app"):
+        for test in ("cold", "criu_cli", "spawn_miss", "spawn_warm", "peer", "image", "page_cache"):
+            assert f"test_{test}[{t}]" in names
+    rep = subprocess.run([sys.executable, "bench/report.py", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (tmp_path / "heavy.md").read_text()
+    assert "spawn, warm pool" in md and "x vs cold" in md
+    assert (tmp_path / "heavy-latency.png").stat().st_size > 0
