@@ -18,9 +18,11 @@ integration: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 demo: setup
+	scripts/setup-heavy.sh
 	$(PY) -m pool.demo
 
 bench: setup
+	scripts/setup-heavy.sh
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/report.py bench/results/latest.json
 

@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,37 +57,8 @@ POLL_S = 0.005
 ANSWER_TIMEOUT = 300.0
 
 
-# --- what a correct answer is, per template ------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    method: str
-    path: str
-    body: bytes | None
-    check: Callable[[dict], bool]
-
-
-def _jvm_ok(r: dict) -> bool:
-    i = 123457  # DataGen.score(i), the generator's own formula
-    return r.get("key") == f"k{i:07d}" and r.get("score") == (i * 2654435761) % 1000003 \
-        and r.get("category") == f"c{i % 211}" and 1 <= r.get("rank", 0) <= r.get("categorySize", 0)
-
-
-def _embed_ok(r: dict) -> bool:
-    v = r.get("embedding") or []
-    return r.get("dim") == 384 and len(v) == 384 and abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3
-
-
-def _ts_ok(r: dict) -> bool:
-    js = r.get("js", "")
-    return "const total = 1 + 2;" in js and ": number" not in js and "exports.default = total" in js
-
-
-PROBES = {
-    "jvm-app": Probe("GET", "/lookup?key=k0123457", None, _jvm_ok),
-    "py-embed": Probe("POST", "/embed", b'{"text": "A warm pool answers in milliseconds."}', _embed_ok),
-    "node-app": Probe("POST", "/transpile",
-                      b'{"code": "const total: number = 1 + 2;\\nexport default total;\\n"}', _ts_ok),
-}
+# What a correct answer is, per template: shared with `make demo` (pool/demo.py).
+from pool.demo import PROBES, Probe  # noqa: E402
 
 
 class NotReady(Exception):

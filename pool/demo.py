@@ -9,6 +9,8 @@ included. LocalService is also what the tests and benchmarks use to run a servic
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -17,11 +19,52 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 RUNS = {"cold": 3, "restore": 5, "warm": 9}
+DEMO_TEMPLATES = ("py-hello", "java-hello", "jvm-app", "node-app", "py-embed")
+
+
+# --- what a correct answer is, per template (the benchmarks use these too) -------------------------
+@dataclass(frozen=True)
+class Probe:
+    method: str
+    path: str
+    body: bytes | None
+    check: Callable[[dict], bool]
+
+
+def _hello_ok(r: dict) -> bool:
+    return bool(r.get("instance"))
+
+def _jvm_ok(r: dict) -> bool:
+    i = 123457  # DataGen.score(i), the generator's own formula
+    return r.get("key") == f"k{i:07d}" and r.get("score") == (i * 2654435761) % 1000003 \
+        and r.get("category") == f"c{i % 211}" and 1 <= r.get("rank", 0) <= r.get("categorySize", 0)
+
+
+def _embed_ok(r: dict) -> bool:
+    v = r.get("embedding") or []
+    return r.get("dim") == 384 and len(v) == 384 and abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3
+
+
+def _ts_ok(r: dict) -> bool:
+    js = r.get("js", "")
+    return "const total = 1 + 2;" in js and ": number" not in js and "exports.default = total" in js
+
+
+PROBES = {
+    "py-hello": Probe("GET", "/", None, _hello_ok),
+    "java-hello": Probe("GET", "/", None, _hello_ok),
+    "jvm-app": Probe("GET", "/lookup?key=k0123457", None, _jvm_ok),
+    "py-embed": Probe("POST", "/embed", b'{"text": "A warm pool answers in milliseconds."}', _embed_ok),
+    "node-app": Probe("POST", "/transpile",
+                      b'{"code": "const total: number = 1 + 2;\\nexport default total;\\n"}', _ts_ok),
+}
 
 
 class LocalService:
@@ -109,20 +152,22 @@ class LocalService:
 
 
 # --- the three paths ----------------------------------------------------------------------------------
-def cold_start(spec, timeout: float = 60.0) -> float:
-    """Seconds from booting the app (own namespaces, no CRIU, no SDK channel) to its first HTTP answer."""
+def cold_start(spec, timeout: float = 180.0) -> float:
+    """Seconds from booting the app (own namespaces, no CRIU, no SDK channel) to its first correct
+    answer."""
     from . import netns, sandbox  # noqa: PLC0415
     from .build import app_environment  # noqa: PLC0415
 
-    port = spec.network.port
+    probe, port = PROBES[spec.name], spec.network.port
     t0 = time.perf_counter()
     app = sandbox.boot(list(spec.command), cwd=spec.cwd, env=app_environment(spec), sdk=False)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status, _ = netns.http_in(app.netns, f"http://127.0.0.1:{port}/", timeout=1.0)
-                if status < 500:
+                status, body = netns.http_in(app.netns, f"http://127.0.0.1:{port}{probe.path}",
+                                             method=probe.method, body=probe.body, timeout=30.0)
+                if status == 200 and probe.check(json.loads(body)):
                     return time.perf_counter() - t0
             except Exception:  # noqa: BLE001  not listening yet
                 pass
@@ -133,21 +178,27 @@ def cold_start(spec, timeout: float = 60.0) -> float:
         app.kill()
 
 
-def http_get(address: str, timeout: float = 10.0) -> bytes:
+def ask(address: str, probe: Probe, timeout: float = 30.0) -> dict:
+    """One request to a published copy; raises if the answer is not correct."""
     import urllib.request  # noqa: PLC0415
 
-    with urllib.request.urlopen(f"http://{address}/", timeout=timeout) as r:
-        return r.read()
+    req = urllib.request.Request(f"http://{address}{probe.path}", data=probe.body,
+                                 method=probe.method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        answer = json.loads(r.read())
+    if not probe.check(answer):
+        raise RuntimeError(f"wrong answer from {address}{probe.path}: {str(answer)[:200]}")
+    return answer
 
 
 def timed_spawn(client, name: str) -> tuple[float, float, str]:
-    """(spawn seconds, spawn-to-first-answer seconds, path) of one spawn; the copy is killed after."""
+    """(spawn seconds, spawn-to-first-correct-answer seconds, path) of one spawn; killed after."""
     t0 = time.perf_counter()
     inst = client.spawn(name)
     t1 = time.perf_counter()
     try:
-        if inst.address:
-            http_get(inst.address)
+        ask(inst.address, PROBES[name])
         t2 = time.perf_counter()
     finally:
         inst.kill(grace=0)
@@ -161,14 +212,9 @@ def build_templates(store_root: Path) -> list:
     from .store import Store  # noqa: PLC0415
 
     criu, store, specs = Criu.locate(), Store(store_root), []
-    for name in ("py-hello", "java-hello"):
+    for name in DEMO_TEMPLATES:
         folder = TEMPLATES / name
-        if not folder.is_dir():
-            continue
-        if (folder / "build.sh").exists():
-            if not shutil.which("javac"):
-                print(f"skipping {name}: no javac", flush=True)
-                continue
+        if (folder / "build.sh").exists():  # compiles the app (its dependencies: setup-heavy.sh)
             subprocess.run([str(folder / "build.sh")], check=True)
         spec = load_spec(folder)
         print(f"building {name} ...", flush=True)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import pool
-from pool.demo import LocalService, http_get
+from pool.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, NodeUnavailable, Quarantined
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
         inst = c.spawn("py-hello", env={"GREETING": "hi"}, args=["one", "two"], hostname="copy-a")
         assert inst.path == "warm" and inst.node == "local" and inst.template == "py-hello"
         assert inst.address.startswith("127.0.0.1:") and inst.spawn_ms > 0
-        body = json.loads(http_get(inst.address))
+        body = ask(inst.address, PROBES["py-hello"])
         assert body["instance"] == inst.id and body["args"] == ["one", "two"]
         assert body["greeting"] == "hi" and body["hostname"] == "copy-a"
         assert [r["id"] for r in c.list("py-hello")] == [inst.id]
@@ -86,7 +86,7 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
         svc.wait_warm("py-hello", 0)
         miss = c.spawn("py-hello")
         assert miss.path == "restore"
-        assert json.loads(http_get(miss.address))["instance"] == miss.id
+        assert ask(miss.address, PROBES["py-hello"])["instance"] == miss.id
         miss.kill(grace=0)
 
         with pytest.raises(pool.TemplateNotFound):
@@ -97,7 +97,7 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
     monkeypatch.setenv("POOL_SOCKET", str(svc.socket))  # the module-level API
     try:
         inst = pool.spawn("py-hello", args=["x"])
-        assert json.loads(http_get(inst.address))["args"] == ["x"]
+        assert ask(inst.address, PROBES["py-hello"])["args"] == ["x"]
         inst.kill(grace=0)
     finally:
         pool.close_default()
@@ -118,7 +118,7 @@ def test_cli_commands(service):
     r = cli(svc, "spawn", "py-hello", "--env", "GREETING=cli", "--json", "--", "a1", "a2")
     inst = json.loads(r.stdout)
     assert inst["path"] in ("warm", "restore")
-    body = json.loads(http_get(inst["address"]))
+    body = ask(inst["address"], PROBES["py-hello"])
     assert body["args"] == ["a1", "a2"] and body["greeting"] == "cli"
     rows = json.loads(cli(svc, "ls", "--json").stdout)
     assert [row["id"] for row in rows] == [inst["id"]]
@@ -184,7 +184,7 @@ def test_16_concurrent_clients(service):
         try:
             with svc.client() as c:
                 inst = c.spawn("py-hello", timeout=60)
-                results.append((inst.id, json.loads(http_get(inst.address))["instance"], inst.path))
+                results.append((inst.id, ask(inst.address, PROBES["py-hello"])["instance"], inst.path))
                 c.kill(inst.id, grace=0)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
