@@ -28,7 +28,7 @@ from typing import Any
 from . import store as store_mod
 from .criu import Criu, DumpOptions, LazyDump, LazyPages, RestoreOptions, become_subreaper
 from .errors import CriuError, CriuTimeout, RestoreError
-from .instance import Instance
+from .instance import Instance, open_handles
 from .store import Store, Template
 
 STDIO = ("stdout", "stderr")
@@ -180,12 +180,7 @@ def restore_lazy(template: Template, criu: Criu, run_dir: Path, page_server: tup
         except CriuError as e:
             raise RestoreError("restoring lazily with CRIU", e.message) from e
         took = time.monotonic() - t0
-        pidfd = os.pidfd_open(pid)
-        try:
-            netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(pidfd)
-            raise
+        pidfd, netns_fd = open_handles(pid)
         inst = Instance(id=instance_id, template=template.name, build_id=template.build_id,
                         pid=pid, pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False,
                         port=(m["spec"].get("network") or {}).get("port"), restore_s=took)

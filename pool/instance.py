@@ -21,6 +21,16 @@ import psutil
 STREAMS = ("stdout", "stderr")
 
 
+def open_handles(pid: int) -> tuple[int, int]:
+    """A pidfd and the network namespace fd of a just-restored copy, both or neither."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return pidfd, os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(pidfd)
+        raise
+
+
 @dataclass
 class Instance:
     id: str
@@ -92,14 +102,18 @@ class Instance:
             self.wait(10)
         return self.exit_status
 
-    def close(self) -> None:
-        """Release fds and delete the copy's private files. The copy must have exited."""
+    def release_fds(self) -> None:
+        """Close our fds on the copy (idempotent); its files stay for logs until close()."""
         for name in ("ctl_w", "ctl_r", "netns_fd", "pidfd"):
             fd = getattr(self, name)
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, name, None if name.startswith("ctl") else -1)
+
+    def close(self) -> None:
+        """Release fds and delete the copy's private files. The copy must have exited."""
+        self.release_fds()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- output -----------------------------------------------------------------------------------

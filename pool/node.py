@@ -137,7 +137,7 @@ class NodeRuntime:
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
         for c in list(self.copies.values()):  # left running (or unkillable): release our side only
             await self._close_proxy(c)
-            _release_fds(c.inst)
+            c.inst.release_fds()
         self.copies.clear()
         for c in self.history.values():
             c.inst.close()
@@ -214,7 +214,7 @@ class NodeRuntime:
             with contextlib.suppress(Exception):
                 c.on_end()
         if not c.handing_over:  # else the spawn closes them once its handshake has let go
-            _release_fds(inst)
+            inst.release_fds()
         if c.handed_at is None or self.cfg.exited_history == 0:
             inst.close()
         else:
@@ -408,7 +408,7 @@ class NodeRuntime:
             finally:
                 c.handing_over = False
                 if c.done.done():
-                    _release_fds(inst)
+                    inst.release_fds()
                 self._handovers -= 1
                 if not self._handovers:  # queued now, run after this reply is written
                     for name in self._deferred_refills:
@@ -501,16 +501,6 @@ async def until(aw, timeout: float, force: asyncio.Event | None) -> None:
         if not t.done():
             t.cancel()
     await asyncio.gather(*waits, return_exceptions=True)
-
-
-def _release_fds(inst) -> None:
-    """Close a copy's fds at once (its files stay for info/logs until inst.close())."""
-    for name in ("ctl_w", "ctl_r", "netns_fd", "pidfd"):
-        fd = getattr(inst, name)
-        if fd is not None and fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            setattr(inst, name, None if name.startswith("ctl") else -1)
 
 
 PREFAULT_LIMIT = 32 << 20  # bytes of code per copy: the interpreter's own, not all of libtorch

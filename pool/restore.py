@@ -22,7 +22,7 @@ from pathlib import Path
 from . import compat, control, hints, netns
 from .criu import Criu, RestoreOptions, become_subreaper
 from .errors import CriuError, CriuFailed, Incompatible, RestoreError
-from .instance import Instance
+from .instance import Instance, open_handles
 from .store import Store, Template
 
 
@@ -140,12 +140,7 @@ class Restorer:
             for fd in theirs:
                 os.close(fd)
             theirs.clear()
-            pidfd = os.pidfd_open(pid)
-            try:
-                netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                os.close(pidfd)
-                raise
+            pidfd, netns_fd = open_handles(pid)
             inst = Instance(id=iid, template=name, build_id=template.build_id, pid=pid,
                             pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=sdk,
                             port=(m["spec"].get("network") or {}).get("port"), restore_s=took,
