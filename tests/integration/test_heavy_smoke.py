@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,20 +61,14 @@ def test_heavy_template_build_restore_answer(heavy_deps, store, criu, tmp_path, 
 
 
 def test_heavy_bench_runs(heavy_deps, tmp_path):
+    from test_bench_runs import report, run_quick
+
     out = tmp_path / "heavy.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_heavy_bench.py",
-         "--benchmark-only", "--benchmark-json", str(out)],
-        cwd=ROOT, env={**os.environ, "BENCH_QUICK": "1"}, capture_output=True, text=True, timeout=900,
-        check=False)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
+    names = set(run_quick("test_heavy_bench.py", out, timeout=900))
     for t in ("jvm-app", "py-embed", "node-app"):
         for test in ("cold", "criu_cli", "spawn_miss", "spawn_warm", "peer", "image", "page_cache"):
             assert f"test_{test}[{t}]" in names
-    rep = subprocess.run([sys.executable, "bench/report.py", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=False)
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    report(out)
     md = (tmp_path / "heavy.md").read_text()
     assert "spawn, warm pool" in md and "x vs cold" in md
     assert (tmp_path / "heavy-latency.png").stat().st_size > 0
