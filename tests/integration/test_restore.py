@@ -135,7 +135,8 @@ def test_cpu_features_missing_refused(built, session_store, criu, tmp_path):
         import pycriu.images as images
 
         path = cur / "image" / "cpuinfo.img"
-        img = images.load(open(path, "rb"))
+        with open(path, "rb") as f:
+            img = images.load(f)
         cpu = img["entries"][0]["x86_entry"][0]
         cpu["capability"] = [0xFFFFFFFF for _ in cpu["capability"]]  # claim every feature bit
         with open(path, "wb") as f:
