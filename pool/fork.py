@@ -40,11 +40,11 @@ def checkpoint_instance(inst: Instance, dest: Store | Path, criu: Criu, *,
                         timeout: float = 120.0) -> Template:
     """Dump the running copy inst into a template build.
 
-    dest a Store: published there as `name` (default TEMPLATE-fork-ID). dest a Path: written as a
+    dest a Store: published there as `name` (default: a fresh store.fork_name). dest a Path: written as a
     build dir (manifest.json + image/) that must not exist yet, not published. The copy keeps
     running (leave_running) after a pause of one dump.
     """
-    name = name or f"{inst.template}-fork-{inst.id}"[:63]
+    name = name or store_mod.fork_name(inst.template)
     keys = _stdio_keys(inst)
     source_manifest = source_manifest or _source_manifest(inst, dest)
     if isinstance(dest, Store):
@@ -114,7 +114,7 @@ def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
     Returns once the build dir is complete (small: no anonymous memory) and the page server
     listens. Ship the build dir, then restore_lazy() on the target. Needs fs.pipe-max-size >= 4 MiB.
     """
-    name = name or f"{inst.template}-fork-{inst.id}"[:63]
+    name = name or store_mod.fork_name(inst.template)
     keys = _stdio_keys(inst)
     source_manifest = source_manifest or {}
     build_dir = Path(build_dir)

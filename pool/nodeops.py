@@ -5,7 +5,7 @@ NodeOps wraps a NodeRuntime; `pool agent` serves it over TCP and the coordinator
 node calls it directly, so both behave the same.
 
 Fork, eager: the source node dumps the copy without stopping it (fork.checkpoint_instance with
-leave_running) into its store as TEMPLATE-fork-ID, serves it from a one-off TemplateSource with a
+leave_running) into its store as TEMPLATE+fork-RANDOM (store.fork_name), serves it from a one-off TemplateSource with a
 one-off token; the target fetches it and restores it with an ordinary spawn (a fresh instance id and
 hostname; no SDK channel, so the app keeps its memory state, identity included). Fork, lazy: the
 source writes only the small images and serves the memory from a CRIU page server; the target
@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import BadRequest, PoolError, RestoreError
 from .node import NodeRuntime
+from .store import fork_name
 
 log = logging.getLogger("pool.nodeops")
 
@@ -116,7 +117,7 @@ class NodeOps:
         if c.done.done():
             raise RestoreError("forking the instance", f"instance {id} has exited")
         inst = c.inst
-        name = f"{inst.template}-fork-{inst.id}"[:63]
+        name = fork_name(inst.template)
         token = secrets.token_urlsafe(24)
         source_manifest = {}
         with contextlib.suppress(PoolError):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,11 +30,25 @@ from .errors import TemplateCorrupt, TemplateNotFound
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_TEMPLATE_NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
+# A fork of a live copy is stored as TEMPLATE+fork-RANDOM: '+' is in no template name, so a fork can
+# never replace (or be released over) a template, and 64 random bits keep two forks apart.
+FORK_SEP = "+fork-"
+_NAME_RE = re.compile(rf"^{_TEMPLATE_NAME}(?:\+fork-[0-9a-f]{{16}})?$")
 _BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 KEEP_PREVIOUS = 1
+
+
+def fork_name(template: str) -> str:
+    """A store name for a new fork of a copy of template: unique, and never a template's name."""
+    return f"{template}{FORK_SEP}{secrets.token_hex(8)}"
+
+
+def is_stored_name(name: str) -> bool:
+    """A name the store accepts: a template's, or a fork's (fork_name)."""
+    return bool(_NAME_RE.match(name))
 
 
 def sha256_file(path: Path) -> str:

@@ -141,7 +141,8 @@ def test_remote_fork_keeps_the_memory_state_and_gets_a_fresh_identity(pool_lab):
         assert c.info(fork["id"])["node"] == "n3"
         # the source served its image once and dropped it; the target keeps it as a template
         assert published(pl, "n2") == ["counter"]
-        assert f"counter-fork-{orig.id}" in published(pl, "n3")
+        assert fork["template"].startswith("counter+fork-")
+        assert fork["template"] in published(pl, "n3")
         c.kill(fork["id"], grace=0)
         c.kill(orig.id, grace=0)
 
