@@ -27,10 +27,33 @@ def _heavy(b: dict) -> bool:
     return bool(b.get("extra_info", {}).get("heavy"))
 
 
+def _soak(b: dict) -> bool:
+    return "growth" in b.get("extra_info", {})
+
+
+def soak_markdown(data: dict) -> str:
+    """The soak benchmark (bench/test_soak_bench.py): throughput, latency, errors and growth."""
+    rows = ["| concurrency | cycles | errors | spawns/s | p50 ms | p99 ms | paths | "
+            "fds before -> after | RSS MB | children | run-dir entries |",
+            "|---:|---:|---|---:|---:|---:|---|---|---|---|---|"]
+    for b in data.get("benchmarks", []):
+        if not _soak(b):
+            continue
+        x = b["extra_info"]
+        bf, af = x["before"], x["after"]
+        pair = lambda k: f"{bf[k]} -> {af[k]}"  # noqa: E731
+        rows.append(f"| {x['concurrency']} | {x['cycles']} | {x['errors'] or 0} | "
+                    f"{x['spawns_per_s']} | {x['p50_ms']} | {x['p99_ms']} | "
+                    f"{', '.join(f'{k} {v}' for k, v in sorted(x['paths'].items()))} | "
+                    f"{pair('fds')} | {pair('rss_mb')} | {pair('children')} | "
+                    f"{pair('run_dir_entries')} |")
+    return "## Soak: spawn + kill cycles through the service\n\n" + "\n".join(rows) + "\n"
+
+
 def table(data: dict) -> str:
     rows = ["| benchmark | path | rounds | min ms | p50 ms | mean ms | max ms | vs cold (p50) |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    benches = [b for b in data.get("benchmarks", []) if not _heavy(b)]
+    benches = [b for b in data.get("benchmarks", []) if not _heavy(b) and not _soak(b)]
     cold = next((b["stats"]["median"] for b in benches
                  if b.get("extra_info", {}).get("path") == "cold"), None)
     for b in benches:
@@ -214,6 +237,8 @@ def main(argv: list[str]) -> int:
     data = json.loads(src.read_text())
     out = src.with_suffix(".md")
     text = table(data)
+    if any(_soak(b) for b in data.get("benchmarks", [])):
+        text += "\n" + soak_markdown(data)
     summary = heavy_summary(data)
     if summary:
         stem = src.with_suffix("")

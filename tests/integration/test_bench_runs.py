@@ -57,3 +57,15 @@ def test_remote_bench_runs(tmp_path):
     assert set(data) == {"test_remote_spawn_cached", "test_remote_spawn_first_ship"}
     ship = data["test_remote_spawn_first_ship"]["extra_info"]
     assert ship["wire_mb"] < ship["raw_mb"]  # shipped compressed
+
+
+def test_soak_bench_runs_and_reports(tmp_path):
+    out = tmp_path / "soak.json"
+    data = run_quick("test_soak_bench.py", out)
+    assert set(data) == {"test_soak_spawn_kill[1]", "test_soak_spawn_kill[8]"}
+    for b in data.values():
+        x = b["extra_info"]
+        assert x["errors"] == {} and sum(x["paths"].values()) == x["cycles"] == 20
+        assert set(x["growth"]) == {"fds", "rss_mb", "children", "run_dir_entries"}
+    report(out)
+    assert "## Soak: spawn + kill cycles" in out.with_suffix(".md").read_text()
