@@ -14,6 +14,8 @@ import os
 import socket
 import stat
 import struct
+import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,11 +473,15 @@ class RpcClient:
 
 class SyncRpcClient:
     """Blocking wrapper: a private event loop run in the calling thread for each call.
-    Not usable from inside a running event loop."""
+    Not usable from inside a running event loop.
+
+    Closed by close(), and else when it is garbage-collected or the interpreter exits (weakref.finalize):
+    a loop left to the GC would destroy the pending reply reader and print tracebacks."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: RpcClient) -> None:
         self._loop = loop
         self._client = client
+        self._finalizer = weakref.finalize(self, _close_sync, loop, client, os.getpid())
 
     @classmethod
     def _open(cls, connect: Callable[[], Awaitable[RpcClient]]) -> SyncRpcClient:
@@ -505,15 +511,34 @@ class SyncRpcClient:
         return self._loop.run_until_complete(self._client.call(method, params, timeout))
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._loop.run_until_complete(self._client.close())
-        finally:
-            self._loop.close()
+        self._finalizer()
 
     def __enter__(self) -> SyncRpcClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_sync(loop: asyncio.AbstractEventLoop, client: RpcClient, pid: int) -> None:
+    """SyncRpcClient's finalizer: close the connection on its own loop, then the loop."""
+    if loop.is_closed() or os.getpid() != pid:
+        return  # a forked child shares the parent's epoll instance: running our loop would disturb it
+    try:
+        if _loop_runs_here():
+            # Collected inside another loop's callback, where ours cannot run: run it in a thread.
+            t = threading.Thread(target=loop.run_until_complete, args=(client.close(),))
+            t.start()
+            t.join()
+        else:
+            loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+
+
+def _loop_runs_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,11 +1,15 @@
 """The RPC layer over real sockets, on the default loop and on uvloop. Every wait is bounded."""
 import asyncio
+import gc
 import logging
 import os
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -387,26 +391,61 @@ def test_socket_file_lifecycle(arun, tmp_path):
 
 
 # --- the blocking client ---------------------------------------------------------------------------
-def test_sync_client(tmp_path):
+@pytest.fixture
+def threaded_server(tmp_path):
+    """An RpcServer (token TOKEN) on a loop in a thread, for blocking clients: yields (server, path, loop)."""
     loop = asyncio.new_event_loop()
     server = RpcServer(Handler(), tokens={TOKEN}, name="sync-node")
     path = loop.run_until_complete(server.start_unix(tmp_path / "pool.sock"))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        with SyncRpcClient.connect_unix(path, TOKEN) as client:
-            assert client.server == "sync-node"
-            assert client.call("ping") == "pong"
-            with pytest.raises(errors.NoCapacity):
-                client.call("info", {"id": "full"})
-            assert client.call("kill", {"id": "i"}) == {"method": "kill", "params": {"id": "i", "grace": 3.0}}
-        with pytest.raises(errors.AuthError):
-            SyncRpcClient.connect_unix(path, "wrong")
+        yield server, path, loop
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_sync_client(threaded_server):
+    _, path, _ = threaded_server
+    with SyncRpcClient.connect_unix(path, TOKEN) as client:
+        assert client.server == "sync-node"
+        assert client.call("ping") == "pong"
+        with pytest.raises(errors.NoCapacity):
+            client.call("info", {"id": "full"})
+        assert client.call("kill", {"id": "i"}) == {"method": "kill", "params": {"id": "i", "grace": 3.0}}
+    with pytest.raises(errors.AuthError):
+        SyncRpcClient.connect_unix(path, "wrong")
+
+
+def connections(server, loop) -> int:
+    return asyncio.run_coroutine_threadsafe(asyncio.sleep(0, server.connections), loop).result(5)
+
+
+def test_sync_client_left_to_the_gc_closes_its_connection_quietly(threaded_server, caplog):
+    server, path, loop = threaded_server
+    client = SyncRpcClient.connect_unix(path, TOKEN)
+    assert client.call("ping") == "pong"
+    own_loop = client._loop
+    del client
+    gc.collect()
+    assert own_loop.is_closed()
+    deadline = time.monotonic() + 5
+    while connections(server, loop):
+        assert time.monotonic() < deadline, "the server still holds the connection"
+        time.sleep(0.01)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_a_script_that_never_closes_its_client_exits_silently(threaded_server):
+    _, path, _ = threaded_server
+    script = ("import sys\nfrom pool.rpc import SyncRpcClient\n"
+              "c = SyncRpcClient.connect_unix(sys.argv[1], sys.argv[2])\nassert c.call('ping') == 'pong'\n")
+    r = subprocess.run([sys.executable, "-c", script, str(path), TOKEN], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
 
 
 # --- robustness ---------------------------------------------------------------------------------------
