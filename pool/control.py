@@ -10,12 +10,13 @@ app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "messa
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 from typing import Any
 
 import msgpack
+
+from . import fds
 
 ENV_VAR = "POOL_CONTROL_FDS"  # "R,W": R read by the app, W written by the app
 MAX_CONTROL_FRAME = 1 << 20
@@ -94,7 +95,7 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
     while len(out) < n:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not fds.readable(fd, left):
                 raise ControlError("timed out waiting on the control channel")
         chunk = os.read(fd, n - len(out))
         if not chunk:
