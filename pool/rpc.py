@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0          # how long a closing connection may take to flush before it is aborted
+BACKLOG = 1024               # pending connects; past it a client's non-blocking connect fails (EAGAIN)
 
 
 class InternalError(PoolError):
@@ -147,7 +148,7 @@ class RpcServer:
         try:
             sock.bind(str(tmp))
             os.chmod(tmp, mode)
-            sock.listen(128)
+            sock.listen(BACKLOG)
             os.rename(tmp, path)
         except BaseException:
             sock.close()
@@ -164,7 +165,8 @@ class RpcServer:
         if not self._tokens:
             raise ValueError("refusing to listen on TCP without authentication: "
                              "configure at least one token (RpcServer(tokens=...))")
-        server = await asyncio.start_server(lambda r, w: self._on_connect(r, w, "tcp"), host, port)
+        server = await asyncio.start_server(lambda r, w: self._on_connect(r, w, "tcp"), host, port,
+                                            backlog=BACKLOG)
         self._servers.append(server)
         return server.sockets[0].getsockname()[:2]
 
@@ -206,7 +208,7 @@ class RpcServer:
             writer.transport.abort()
             return
         if len(self._conns) >= self._max_connections:
-            await self._refuse(writer, transport)
+            await self._refuse(reader, writer, transport)
             return
         ctx = ConnContext(next(self._conn_ids), transport, **_peer_info(writer, transport))
         self._conns[ctx.id] = asyncio.current_task()
@@ -220,8 +222,10 @@ class RpcServer:
             del self._conns[ctx.id]
             await _close_writer(writer)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, transport: str) -> None:
-        """At the cap: one error frame, then close. Nothing is read, so a flood costs no more."""
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      transport: str) -> None:
+        """At the cap: one error frame, then close. The client's hello is read (not parsed) first:
+        closing with unread data would reset the connection and lose the error frame."""
         self.refused += 1
         if self.refused == 1 or self.refused % 1000 == 0:  # a flood must not flood the log too
             log.warning("rpc: refusing %s connections: %d open (max_connections); %d refused so far",
@@ -231,7 +235,8 @@ class RpcServer:
                          connections=len(self._conns), limit=self._max_connections)
         try:
             writer.write(P.encode_frame(P.make_error(0, err)))
-        except ConnectionError:
+            await asyncio.wait_for(reader.read(P.HELLO_MAX_FRAME), CLOSE_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
             pass
         await _close_writer(writer)
 
