@@ -103,7 +103,11 @@ class Client:
 
     def _reconnect(self) -> None:
         self._rpc.close()
-        self._rpc = self._connect()
+        try:
+            self._rpc = self._connect()
+        except NodeUnavailable:
+            self.broken = True
+            raise
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = 60.0) -> Any:

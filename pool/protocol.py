@@ -218,13 +218,13 @@ ENV = Type("dict[str, str]", _env_problem, dict)
 ARGS = Type("list[str]", _args_problem, list)
 
 
-def identity_bytes(env: dict[str, str], args: list[str]) -> int:
+def _identity_bytes(env: dict[str, str], args: list[str]) -> int:
     """What the identity's env and args weigh (UTF-8), as capped by Limits.max_identity_bytes."""
     return _utf8_len(env) + _utf8_len(env.values()) + _utf8_len(args)
 
 
 def _identity_too_large(method: str, params: dict[str, Any]) -> BadRequest | None:
-    size = identity_bytes(params.get("env") or {}, params.get("args") or [])
+    size = _identity_bytes(params.get("env") or {}, params.get("args") or [])
     if size <= _LIMITS.max_identity_bytes:
         return None
     return BadRequest(f"{method}: env and args together are {size} bytes, over the limit of "

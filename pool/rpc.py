@@ -580,10 +580,12 @@ class SyncRpcClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
+        if self._loop.is_closed():
+            raise ProtocolError("connection closed by this client")
         return self._loop.run_until_complete(self._client.call(method, params, timeout))
 
     def closed_as_idle(self) -> bool:
-        return self._loop.run_until_complete(self._client.closed_as_idle())
+        return not self._loop.is_closed() and self._loop.run_until_complete(self._client.closed_as_idle())
 
     def close(self) -> None:
         self._finalizer()
