@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from . import fds
 from . import protocol as P
 from .errors import BadRequest, NoCapacity, NodeUnavailable, PoolError, ProtocolError
 
@@ -538,7 +538,7 @@ def idle_close(err: BaseException | None) -> bool:
 def _readable(writer: asyncio.StreamWriter) -> bool:
     sock = writer.get_extra_info("socket")
     try:
-        return bool(sock is not None and select.select([sock.fileno()], [], [], 0)[0])
+        return sock is not None and fds.readable(sock.fileno(), 0)
     except (OSError, ValueError):  # already closed
         return True
 
