@@ -273,7 +273,8 @@ class RpcServer:
         try:
             await self._serve_requests(frames, send, ctx)
         except TimeoutError:
-            log.info("rpc connection %d (%s) idle for %g s: closing it", ctx.id, ctx.peer, self._idle_timeout)
+            log.debug("rpc connection %d (%s) idle for %g s: closing it",  # routine: not worth a line each
+                      ctx.id, ctx.peer, self._idle_timeout)
             await send(P.encode_frame(P.make_error(0, ProtocolError(
                 f"connection idle for {self._idle_timeout:g} s: closed by the server",
                 idle_timeout=self._idle_timeout))))
