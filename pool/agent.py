@@ -16,6 +16,7 @@ import logging
 import signal
 from typing import Any
 
+from .fds import raise_nofile_limit
 from .service_config import ServiceConfig, read_token
 
 log = logging.getLogger("pool.agent")
@@ -53,7 +54,8 @@ class Agent:
         try:
             await self.runtime.start()
             self.ops = NodeOps(self.runtime, host=host, token=self.token)
-            self._rpc = RpcServer(self.handle, tokens={self.token}, name=f"pool-agent {self.name}")
+            self._rpc = RpcServer(self.handle, tokens={self.token}, name=f"pool-agent {self.name}",
+                                  **self.cfg.connection_limits())
             self.address = await self._rpc.start_tcp(*self.listen)
         except BaseException:
             await self.stop()
@@ -107,4 +109,5 @@ def run_agent(cfg: ServiceConfig, listen: tuple[str, int], token_file, name: str
     from pathlib import Path  # noqa: PLC0415
 
     token = read_token(Path(token_file))
+    raise_nofile_limit()
     return uvloop.run(Agent(cfg, listen, token, name).run())

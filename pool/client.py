@@ -11,6 +11,7 @@ service is NodeUnavailable with a one-line hint.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from dataclasses import dataclass, field
@@ -84,28 +85,49 @@ class Client:
 
     def __init__(self, socket: str | os.PathLike | None = None, *, tcp: str | None = None,
                  token: str | None = None, timeout: float = 5.0) -> None:
-        from .rpc import SyncRpcClient  # noqa: PLC0415
-
         self.where = tcp or str(socket or config.socket_path())
         self.broken = False
+        self._tcp, self._token, self._timeout = tcp, token, timeout
+        self._rpc = self._connect()
+
+    def _connect(self) -> Any:
+        from .rpc import SyncRpcClient  # noqa: PLC0415
+
         try:
-            if tcp:
-                host, _, port = tcp.rpartition(":")
-                self._rpc = SyncRpcClient.connect_tcp(host, int(port), token or "", timeout=timeout)
-            else:
-                self._rpc = SyncRpcClient.connect_unix(self.where, token, timeout=timeout)
+            if self._tcp:
+                host, _, port = self._tcp.rpartition(":")
+                return SyncRpcClient.connect_tcp(host, int(port), self._token or "", timeout=self._timeout)
+            return SyncRpcClient.connect_unix(self.where, self._token, timeout=self._timeout)
         except (OSError, TimeoutError, NodeUnavailable) as e:
             raise _no_service(self.where, e) from e
+
+    def _reconnect(self) -> None:
+        self._rpc.close()
+        try:
+            self._rpc = self._connect()
+        except NodeUnavailable:
+            self.broken = True
+            raise
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = 60.0) -> Any:
         from .errors import ProtocolError  # noqa: PLC0415
+        from .rpc import idle_close  # noqa: PLC0415
 
+        if self._rpc.closed_as_idle():  # the server closed it while we were idle: open a new one
+            self._reconnect()
         try:
             return self._rpc.call(method, params, timeout)
-        except (ProtocolError, NodeUnavailable):
-            self.broken = True  # the connection is gone: pool.spawn() reconnects next time
+        except ProtocolError as e:
+            if not idle_close(e):
+                self.broken = True  # the connection is gone: pool.spawn() reconnects next time
+                raise
+        except NodeUnavailable:
+            self.broken = True
             raise
+        # Closed as idle just as the request went out: the server never read it, so send it again.
+        self._reconnect()
+        return self._rpc.call(method, params, timeout)
 
     def spawn(self, template: str, env: dict[str, str] | None = None, args: list[str] | None = None,
               timeout: float = 30.0, hostname: str | None = None, node: str | None = None) -> Instance:
@@ -186,28 +208,49 @@ class AsyncClient:
     """asyncio client: `async with await AsyncClient.connect() as c: inst = await c.spawn(...)`.
     Concurrent calls on one client are fine (pipelined on one connection)."""
 
-    def __init__(self, rpc: Any, where: str) -> None:
-        self._rpc = rpc
+    def __init__(self, where: str, tcp: str | None, token: str | None, timeout: float) -> None:
         self.where = where
+        self._tcp, self._token, self._timeout = tcp, token, timeout
+        self._rpc: Any = None
+        self._reconnecting = asyncio.Lock()
 
     @classmethod
     async def connect(cls, socket: str | os.PathLike | None = None, *, tcp: str | None = None,
                       token: str | None = None, timeout: float = 5.0) -> AsyncClient:
+        client = cls(tcp or str(socket or config.socket_path()), tcp, token, timeout)
+        client._rpc = await client._connect()
+        return client
+
+    async def _connect(self) -> Any:
         from .rpc import RpcClient  # noqa: PLC0415
 
-        where = tcp or str(socket or config.socket_path())
         try:
-            if tcp:
-                host, _, port = tcp.rpartition(":")
-                rpc = await RpcClient.connect_tcp(host, int(port), token or "", timeout=timeout)
-            else:
-                rpc = await RpcClient.connect_unix(where, token, timeout=timeout)
+            if self._tcp:
+                host, _, port = self._tcp.rpartition(":")
+                return await RpcClient.connect_tcp(host, int(port), self._token or "", timeout=self._timeout)
+            return await RpcClient.connect_unix(self.where, self._token, timeout=self._timeout)
         except (OSError, TimeoutError, NodeUnavailable) as e:
-            raise _no_service(where, e) from e
-        return cls(rpc, where)
+            raise _no_service(self.where, e) from e
+
+    async def _reconnect(self) -> None:
+        # Concurrent callers may all see the idle close: only the first one reconnects.
+        async with self._reconnecting:
+            if await self._rpc.closed_as_idle():
+                await self._rpc.close()
+                self._rpc = await self._connect()
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = 60.0) -> Any:
+        from .rpc import idle_close  # noqa: PLC0415
+
+        if await self._rpc.closed_as_idle():
+            await self._reconnect()
+        try:
+            return await self._rpc.call(method, params, timeout)
+        except Exception as e:
+            if not idle_close(e):
+                raise
+        await self._reconnect()  # closed as idle as the request went out: it never ran, send it again
         return await self._rpc.call(method, params, timeout)
 
     async def spawn(self, template: str, env: dict[str, str] | None = None,

@@ -44,6 +44,13 @@ class Limits:
     identity_timeout: float = 10.0    # seconds a restored copy has to ack its identity
     kill_grace: float = 3.0           # SIGTERM to SIGKILL
     max_frame: int = 4 * 1024 * 1024  # bytes of one RPC frame
+    # What one caller may give a copy (spawn/fork), checked at the RPC boundary. The identity frame
+    # must fit the SDK's 1 MiB control frame, and writing it must stay cheap for the service.
+    max_identity_bytes: int = 256 * 1024  # env keys + values + args, UTF-8 bytes, all together
+    max_env_vars: int = 1024
+    max_args: int = 1024
+    max_min_warm: int = 4096          # set_warm: anything larger is a typo, not a pool size
+    max_duration: float = 7 * 86400.0  # seconds: timeouts and graces beyond a week are refused
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "messa
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 from typing import Any
 
 import msgpack
+
+from . import fds
 
 ENV_VAR = "POOL_CONTROL_FDS"  # "R,W": R read by the app, W written by the app
 MAX_CONTROL_FRAME = 1 << 20
@@ -26,12 +27,39 @@ class ControlError(Exception):
     """The control channel broke: closed early, timed out or carried garbage."""
 
 
-def write_frame(fd: int, msg: dict[str, Any]) -> None:
+def _encode(msg: dict[str, Any]) -> bytes:
     data = msgpack.packb(msg, use_bin_type=True)
-    buf = memoryview(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def write_frame(fd: int, msg: dict[str, Any]) -> None:
+    buf = memoryview(_encode(msg))
     while buf:
         n = os.write(fd, buf)
         buf = buf[n:]
+
+
+async def write_frame_async(fd: int, msg: dict[str, Any]) -> None:
+    """write_frame for asyncio callers: a frame larger than the pipe's buffer waits with
+    loop.add_writer for the other side to read, instead of blocking the loop.
+
+    The fd is switched to non-blocking. Bound it with asyncio.timeout().
+    """
+    import asyncio  # noqa: PLC0415  (applications using the SDK never pay for it)
+
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = memoryview(_encode(msg))
+    while buf:
+        try:
+            buf = buf[os.write(fd, buf):]
+        except BlockingIOError:
+            writable = loop.create_future()
+            loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
 
 
 def read_frame(fd: int, deadline: float | None = None) -> dict[str, Any]:
@@ -94,7 +122,7 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
     while len(out) < n:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not fds.readable(fd, left):
                 raise ControlError("timed out waiting on the control channel")
         chunk = os.read(fd, n - len(out))
         if not chunk:

@@ -11,7 +11,6 @@ import contextlib
 import errno as errno_mod
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from . import config
+from . import config, fds
 from .errors import CriuFailed, CriuTimeout, CriuUnavailable
 
 _VERSION_RE = re.compile(r"^Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", re.M)
@@ -505,7 +504,7 @@ def _wait_status(fd: int, timeout: float, ended) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if select.select([fd], [], [], min(left, 0.05))[0]:
+        if fds.readable(fd, min(left, 0.05)):
             return os.read(fd, 1) == b"\0"  # EOF: CRIU closed it without saying ready
         if ended() is not None:
             return False

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
 import signal
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from . import fds
 
 STREAMS = ("stdout", "stderr")
 
@@ -65,7 +66,7 @@ class Instance:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             # Not our child (we were not a subreaper when it was restored): fall back to the pidfd.
-            if not select.select([self.pidfd], [], [], 0)[0]:
+            if not fds.readable(self.pidfd, 0):
                 return None
             status, pid = 0, self.pid
         if pid == 0:
@@ -81,7 +82,7 @@ class Instance:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            select.select([self.pidfd], [], [], 0.5 if left is None else min(left, 0.5))
+            fds.readable(self.pidfd, 0.5 if left is None else min(left, 0.5))
         return self.exit_status
 
     def signal(self, sig: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hmac
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -23,10 +24,13 @@ import msgpack
 from . import errors
 from .config import Limits
 from .errors import AuthError, BadRequest, PoolError, ProtocolError
+from .spec import NAME_RE, NAME_RULE
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
-MAX_FRAME = Limits().max_frame
+_LIMITS = Limits()
+MAX_FRAME = _LIMITS.max_frame
+HELLO_MAX_FRAME = 64 * 1024  # before authentication nobody gets to send us megabytes
 
 
 # --- framing ----------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def _is_num(v: Any) -> bool:
 @dataclass(frozen=True)
 class Type:
     name: str                                # as shown in error messages
-    problem: Callable[[Any], str | None]     # None if the value is acceptable, else what is wrong
+    problem: Callable[[Any], str | Problem | None]  # None if the value is acceptable, else what is wrong
     convert: Callable[[Any], Any] = lambda v: v
 
 
@@ -130,32 +134,102 @@ def one_of(*choices: str) -> Type:
     return _scalar(" | ".join(map(repr, choices)), lambda v: isinstance(v, str) and v in choices)
 
 
-def _str_map_problem(v: Any) -> str | None:
-    if not isinstance(v, dict):
-        return _got(v)
-    for k, x in v.items():
-        if not isinstance(k, str) or not isinstance(x, str):
-            return f"got dict with a {_kind(k)} key and a {_kind(x)} value"
-    return None
-
-
-def _str_list_problem(v: Any) -> str | None:
-    if not isinstance(v, list):
-        return _got(v)
-    for i, x in enumerate(v):
-        if not isinstance(x, str):
-            return f"got list with a {_kind(x)} at index {i}"
-    return None
-
-
 STR = _scalar("str", lambda v: isinstance(v, str))
 INT = _scalar("int", _is_int)
-COUNT = _scalar("int >= 0", lambda v: _is_int(v) and v >= 0)
-FLOAT = _scalar("float", _is_num, float)
-DURATION = _scalar("float >= 0", lambda v: _is_num(v) and v >= 0, float)
 BOOL = _scalar("bool", lambda v: isinstance(v, bool))
-STR_MAP = Type("dict[str, str]", _str_map_problem, dict)
-STR_LIST = Type("list[str]", _str_list_problem, list)
+MAX_COUNT = 2 ** 53  # offsets and counts beyond this overflow a file offset or are typos
+COUNT = _scalar("int in [0, 2**53]", lambda v: _is_int(v) and 0 <= v <= MAX_COUNT)
+FLOAT = _scalar("float", _is_num, float)
+DURATION = _scalar(f"float in [0, {_LIMITS.max_duration:g}]",
+                   lambda v: _is_num(v) and 0 <= v <= _LIMITS.max_duration, float)
+MIN_WARM = _scalar(f"int in [0, {_LIMITS.max_min_warm}]",
+                   lambda v: _is_int(v) and 0 <= v <= _LIMITS.max_min_warm)
+
+
+# --- names and identity: what a caller hands to a copy -------------------------------------------------
+class Problem(NamedTuple):
+    """What is wrong with a value and where inside it (an env key, an arg index), for the error's data."""
+
+    text: str
+    where: dict[str, Any]
+
+
+def _show(v: Any) -> str:
+    """A caller's string in an error, cut short: the error goes back to them and into logs."""
+    text = repr(v)
+    return text if len(text) <= 66 else text[:60] + "...'" + f" ({len(v)} chars)"
+
+
+def _text_problem(ok: Callable[[str], Any]) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, str) and ok(v) else (
+        f"got {_show(v)}" if isinstance(v, str) else _got(v))
+
+
+def _pattern(name: str, regex: re.Pattern) -> Type:
+    return Type(name, _text_problem(regex.fullmatch))
+
+
+# The store's rule for template (and node) names; instance ids and hostnames have their own.
+NAME = _pattern(f"a name ({NAME_RULE})", NAME_RE)
+INSTANCE_ID = _pattern("an instance id (letters, digits, '.', '_' or '-', at most 64 chars)",
+                       re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"))
+# sethostname(2) takes at most 64 bytes; the charset is what a resolver and a shell prompt accept.
+HOSTNAME = _pattern("a hostname (1-64 letters, digits, '-' or '.', not starting with '-' or '.')",
+                    re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}"))
+TEXT = Type("str of at most 4096 chars", _text_problem(lambda v: len(v) <= 4096))
+
+
+def _utf8_len(texts: Any) -> int:
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def _env_problem(v: Any) -> str | Problem | None:
+    """What execve and the SDKs' os.environ would refuse, refused before a copy gets it."""
+    if not isinstance(v, dict):
+        return _got(v)
+    if len(v) > _LIMITS.max_env_vars:
+        return f"got {len(v)} variables, over the limit of {_LIMITS.max_env_vars}"
+    for k, x in v.items():
+        if not isinstance(k, str) or not isinstance(x, str):
+            return Problem(f"got dict with a {_kind(k)} key and a {_kind(x)} value",
+                           {"key": k[:64] if isinstance(k, str) else _kind(k)})
+        if not k or "=" in k or "\0" in k:
+            return Problem(f"got the variable name {_show(k)}: names are non-empty, without '=' or NUL",
+                           {"key": k[:64]})
+        if "\0" in x:
+            return Problem(f"the value of {_show(k)} contains a NUL", {"key": k[:64]})
+    return None
+
+
+def _args_problem(v: Any) -> str | Problem | None:
+    if not isinstance(v, list):
+        return _got(v)
+    if len(v) > _LIMITS.max_args:
+        return f"got {len(v)} arguments, over the limit of {_LIMITS.max_args}"
+    for i, x in enumerate(v):
+        if not isinstance(x, str):
+            return Problem(f"got list with a {_kind(x)} at index {i}", {"index": i})
+        if "\0" in x:
+            return Problem(f"the argument at index {i} contains a NUL", {"index": i})
+    return None
+
+
+ENV = Type("dict[str, str]", _env_problem, dict)
+ARGS = Type("list[str]", _args_problem, list)
+
+
+def _identity_bytes(env: dict[str, str], args: list[str]) -> int:
+    """What the identity's env and args weigh (UTF-8), as capped by Limits.max_identity_bytes."""
+    return _utf8_len(env) + _utf8_len(env.values()) + _utf8_len(args)
+
+
+def _identity_too_large(method: str, params: dict[str, Any]) -> BadRequest | None:
+    size = _identity_bytes(params.get("env") or {}, params.get("args") or [])
+    if size <= _LIMITS.max_identity_bytes:
+        return None
+    return BadRequest(f"{method}: env and args together are {size} bytes, over the limit of "
+                      f"{_LIMITS.max_identity_bytes}", method=method, param="env",
+                      size=size, limit=_LIMITS.max_identity_bytes)
 
 
 class Param(NamedTuple):
@@ -172,34 +246,35 @@ def opt(t: Type, default: Any = None) -> Param:
     return Param(t, False, default)
 
 
+OPT_NAME, OPT_HOSTNAME = optional(NAME), optional(HOSTNAME)
 METHODS: dict[str, dict[str, Param]] = {
     "ping": {},
-    "spawn": {"template": req(STR), "env": opt(STR_MAP, {}), "args": opt(STR_LIST, []),
-              "timeout": opt(DURATION, 30.0), "node": opt(optional(STR)),
-              "hostname": opt(optional(STR))},
-    "kill": {"id": req(STR), "grace": opt(DURATION, 3.0)},
-    "wait": {"id": req(STR), "timeout": opt(optional(DURATION))},
-    "list": {"template": opt(optional(STR))},
-    "info": {"id": req(STR)},
-    "logs": {"id": req(STR), "stream": opt(one_of("stdout", "stderr"), "stdout"),
+    "spawn": {"template": req(NAME), "env": opt(ENV, {}), "args": opt(ARGS, []),
+              "timeout": opt(DURATION, 30.0), "node": opt(OPT_NAME), "hostname": opt(OPT_HOSTNAME)},
+    "kill": {"id": req(INSTANCE_ID), "grace": opt(DURATION, 3.0)},
+    "wait": {"id": req(INSTANCE_ID), "timeout": opt(optional(DURATION))},
+    "list": {"template": opt(OPT_NAME)},
+    "info": {"id": req(INSTANCE_ID)},
+    "logs": {"id": req(INSTANCE_ID), "stream": opt(one_of("stdout", "stderr"), "stdout"),
              "offset": opt(COUNT, 0), "limit": opt(COUNT, 65536)},
     "templates": {},
     "stats": {},
-    "set_warm": {"template": req(STR), "min_warm": req(COUNT)},
+    "set_warm": {"template": req(NAME), "min_warm": req(MIN_WARM)},
     # coordinator: its nodes, shipping a template to one, forking an instance onto one
     "nodes": {},
-    "push": {"template": req(STR), "node": req(STR), "timeout": opt(DURATION, 600.0)},
-    "fork": {"id": req(STR), "node": opt(optional(STR)), "lazy": opt(BOOL, False),
-             "hostname": opt(optional(STR)), "timeout": opt(DURATION, 120.0)},
+    "push": {"template": req(NAME), "node": req(NAME), "timeout": opt(DURATION, 600.0)},
+    "fork": {"id": req(INSTANCE_ID), "node": opt(OPT_NAME), "lazy": opt(BOOL, False),
+             "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 120.0)},
     # node (`pool agent`), asked by a coordinator
     "facts": {},
-    "fetch_template": {"name": req(STR), "source": req(STR), "build_id": opt(optional(STR)),
-                       "token": opt(optional(STR)), "timeout": opt(DURATION, 600.0)},
-    "fork_checkpoint": {"id": req(STR), "lazy": opt(BOOL, False), "timeout": opt(DURATION, 120.0)},
-    "fork_release": {"template": req(STR), "abort": opt(BOOL, False)},
-    "fork_restore": {"template": req(STR), "source": req(STR), "build_id": req(STR),
-                     "token": req(STR), "page_server": opt(optional(STR)),
-                     "hostname": opt(optional(STR)), "timeout": opt(DURATION, 60.0)},
+    "fetch_template": {"name": req(NAME), "source": req(TEXT), "build_id": opt(optional(TEXT)),
+                       "token": opt(optional(TEXT)), "timeout": opt(DURATION, 600.0)},
+    "fork_checkpoint": {"id": req(INSTANCE_ID), "lazy": opt(BOOL, False),
+                        "timeout": opt(DURATION, 120.0)},
+    "fork_release": {"template": req(NAME), "abort": opt(BOOL, False)},
+    "fork_restore": {"template": req(NAME), "source": req(TEXT), "build_id": req(TEXT),
+                     "token": req(TEXT), "page_server": opt(optional(TEXT)),
+                     "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 60.0)},
 }
 # Which side answers which methods (both share the table above).
 NODE_METHODS = frozenset({"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
@@ -241,9 +316,12 @@ def validate_params(method: Any, params: Any) -> dict[str, Any]:
             continue
         problem = p.type.problem(params[name])
         if problem:
-            raise BadRequest(f"{method}: parameter {name!r} must be {p.type.name}, {problem}",
-                             method=method, param=name, expected=p.type.name, got=problem)
+            text, where = problem if isinstance(problem, Problem) else (problem, {})
+            raise BadRequest(f"{method}: parameter {name!r} must be {p.type.name}, {text}",
+                             method=method, param=name, expected=p.type.name, got=text, **where)
         out[name] = p.type.convert(params[name])
+    if "env" in schema and (too_large := _identity_too_large(method, out)):
+        raise too_large
     return out
 
 

@@ -271,8 +271,9 @@ def _record(inst: Instance, identity: Identity) -> None:
 
 
 async def hand_over_async(inst: Instance, identity: Identity, timeout: float | None = None) -> None:
-    """hand_over() for asyncio callers (the service's warm path): the ack is awaited with
-    loop.add_reader, so no thread hop. On failure it raises RestoreError and leaves the copy to the
+    """hand_over() for asyncio callers (the service's warm path): the identity is written and the
+    ack awaited with loop.add_writer/add_reader, so neither a large identity nor a slow copy blocks
+    the loop, and no thread hop. On failure it raises RestoreError and leaves the copy to the
     caller, who must kill and close it (it may be watching its pidfd)."""
     import asyncio  # noqa: PLC0415  (only async callers pay for it)
 
@@ -280,10 +281,9 @@ async def hand_over_async(inst: Instance, identity: Identity, timeout: float | N
     try:
         _set_hostname(inst, identity)  # one short thread
         if inst.sdk:
-            # A small frame into an empty pipe: the write does not block.
-            control.write_frame(inst.ctl_w, _identity_message(identity, timeout))
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout):  # a copy that does not read times out too
+                    await control.write_frame_async(inst.ctl_w, _identity_message(identity, timeout))
                     reply = await control.read_frame_async(inst.ctl_r)
             except TimeoutError as e:
                 raise _no_ack(inst, timeout, True) from e

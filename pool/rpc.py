@@ -14,19 +14,22 @@ import os
 import socket
 import stat
 import struct
+import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from . import fds
 from . import protocol as P
-from .errors import BadRequest, NodeUnavailable, PoolError, ProtocolError
+from .errors import BadRequest, NoCapacity, NodeUnavailable, PoolError, ProtocolError
 
 log = logging.getLogger(__name__)
 
-HELLO_MAX_FRAME = 64 * 1024  # before authentication nobody gets to send us megabytes
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0          # how long a closing connection may take to flush before it is aborted
+BACKLOG = 1024               # pending connects; past it a client's non-blocking connect fails (EAGAIN)
 
 
 class InternalError(PoolError):
@@ -106,6 +109,7 @@ class RpcServer:
     def __init__(self, handler: Handler, *, tokens: set[str] | None = None,
                  max_frame: int = P.MAX_FRAME, max_inflight_per_conn: int = 64,
                  request_timeout: float | None = None, hello_timeout: float = 5.0,
+                 max_connections: int = 1024, idle_timeout: float | None = 300.0,
                  name: str = "prewarm-pool") -> None:
         tokens = set(tokens or ())
         if any(not isinstance(t, str) or not t for t in tokens):
@@ -116,6 +120,9 @@ class RpcServer:
         self._max_inflight = max_inflight_per_conn
         self._request_timeout = request_timeout
         self._hello_timeout = hello_timeout
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout  # after the hello, with no request in flight; None: never
+        self.refused = 0                   # connections turned away at max_connections
         self._name = name
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[Path, int, int]] = []  # path, st_dev, st_ino of our socket
@@ -141,7 +148,7 @@ class RpcServer:
         try:
             sock.bind(str(tmp))
             os.chmod(tmp, mode)
-            sock.listen(128)
+            sock.listen(BACKLOG)
             os.rename(tmp, path)
         except BaseException:
             sock.close()
@@ -158,7 +165,8 @@ class RpcServer:
         if not self._tokens:
             raise ValueError("refusing to listen on TCP without authentication: "
                              "configure at least one token (RpcServer(tokens=...))")
-        server = await asyncio.start_server(lambda r, w: self._on_connect(r, w, "tcp"), host, port)
+        server = await asyncio.start_server(lambda r, w: self._on_connect(r, w, "tcp"), host, port,
+                                            backlog=BACKLOG)
         self._servers.append(server)
         return server.sockets[0].getsockname()[:2]
 
@@ -199,6 +207,9 @@ class RpcServer:
         if self._closing:
             writer.transport.abort()
             return
+        if len(self._conns) >= self._max_connections:
+            await self._refuse(reader, writer, transport)
+            return
         ctx = ConnContext(next(self._conn_ids), transport, **_peer_info(writer, transport))
         self._conns[ctx.id] = asyncio.current_task()
         try:
@@ -210,6 +221,24 @@ class RpcServer:
         finally:
             del self._conns[ctx.id]
             await _close_writer(writer)
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      transport: str) -> None:
+        """At the cap: one error frame, then close. The client's hello is read (not parsed) first:
+        closing with unread data would reset the connection and lose the error frame."""
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:  # a flood must not flood the log too
+            log.warning("rpc: refusing %s connections: %d open (max_connections); %d refused so far",
+                        transport, len(self._conns), self.refused)
+        err = NoCapacity(f"the service has {len(self._conns)} connections open, its limit "
+                         "([service] max_connections); try again later",
+                         connections=len(self._conns), limit=self._max_connections)
+        try:
+            writer.write(P.encode_frame(P.make_error(0, err)))
+            await asyncio.wait_for(reader.read(P.HELLO_MAX_FRAME), CLOSE_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        await _close_writer(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      ctx: ConnContext) -> None:
@@ -225,7 +254,7 @@ class RpcServer:
                 except ConnectionError:
                     writer.transport.abort()  # the reader side notices and cleans up
 
-        frames = _FrameStream(reader, min(HELLO_MAX_FRAME, self._max_frame))
+        frames = _FrameStream(reader, min(P.HELLO_MAX_FRAME, self._max_frame))
         try:
             hello = await asyncio.wait_for(frames.read(), self._hello_timeout)
             if hello is None:
@@ -241,35 +270,59 @@ class RpcServer:
         await send(P.encode_frame(P.make_hello_reply(self._name)))
         frames.decoder.max_frame = self._max_frame
 
+        try:
+            await self._serve_requests(frames, send, ctx)
+        except TimeoutError:
+            log.debug("rpc connection %d (%s) idle for %g s: closing it",  # routine: not worth a line each
+                      ctx.id, ctx.peer, self._idle_timeout)
+            await send(P.encode_frame(P.make_error(0, ProtocolError(
+                f"connection idle for {self._idle_timeout:g} s: closed by the server",
+                idle_timeout=self._idle_timeout))))
+
+    async def _serve_requests(self, frames: _FrameStream, send: Callable[[bytes], Awaitable[None]],
+                              ctx: ConnContext) -> None:
+        """Read and run requests until the client leaves or errs. TimeoutError once the connection
+        has had no request in flight for idle_timeout seconds."""
         inflight: set[asyncio.Task] = set()
         slots = asyncio.Semaphore(self._max_inflight)
+        loop = asyncio.get_running_loop()
+        watching = True  # idle.reschedule() may only be called inside its `async with`
+
+        def rearm_idle() -> None:
+            if watching and self._idle_timeout is not None and not idle.expired():
+                idle.reschedule(None if inflight else loop.time() + self._idle_timeout)
 
         def done(task: asyncio.Task) -> None:
             inflight.discard(task)
             self._requests.discard(task)
             slots.release()
+            rearm_idle()
 
         try:
-            while True:
-                try:
-                    msg = await frames.read()
-                    if msg is None:
+            async with asyncio.timeout(None) as idle:
+                rearm_idle()
+                while True:
+                    try:
+                        msg = await frames.read()
+                        if msg is None:
+                            break
+                        req = P.validate_request(msg)
+                    except ProtocolError as e:
+                        log.info("rpc connection %d (%s): %s", ctx.id, ctx.peer, e.message)
+                        await send(P.encode_frame(P.make_error(0, e)))
                         break
-                    req = P.validate_request(msg)
-                except ProtocolError as e:
-                    log.info("rpc connection %d (%s): %s", ctx.id, ctx.peer, e.message)
-                    await send(P.encode_frame(P.make_error(0, e)))
-                    break
-                except BadRequest as e:  # the envelope, so msg["id"], was valid
-                    await send(self._encode_reply(P.make_error(msg["id"], e), msg["id"]))
-                    continue
-                await slots.acquire()  # back-pressure: no more reading until a slot frees up
-                task = asyncio.create_task(self._run(req, ctx, send))
-                inflight.add(task)
-                self._requests.add(task)
-                task.add_done_callback(done)
+                    except BadRequest as e:  # the envelope, so msg["id"], was valid
+                        await send(self._encode_reply(P.make_error(msg["id"], e), msg["id"]))
+                        continue
+                    await slots.acquire()  # back-pressure: no more reading until a slot frees up
+                    task = asyncio.create_task(self._run(req, ctx, send))
+                    inflight.add(task)
+                    self._requests.add(task)
+                    task.add_done_callback(done)
+                    rearm_idle()
         finally:
-            # The client is gone (or sent garbage, or we are closing): its requests are moot.
+            watching = False
+            # The client is gone (or sent garbage, or idled, or we are closing): its requests are moot.
             for task in inflight:
                 task.cancel()
             if inflight:
@@ -394,6 +447,15 @@ class RpcClient:
     def closed(self) -> bool:
         return self._closed is not None
 
+    async def closed_as_idle(self) -> bool:
+        """True if the server closed this connection for being idle; a request sent then was never
+        run, so a caller may reconnect and send it again. Whatever the server said while no call was
+        pending (its idle notice) is taken in first: a blocking client's loop was not running then."""
+        if not self._closed and not self._pending and self._reader_task is not None \
+                and _readable(self._writer):
+            await asyncio.wait([self._reader_task], timeout=CLOSE_TIMEOUT)  # it ends at the close
+        return idle_close(self._closed)
+
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
         if self._closed:
@@ -469,13 +531,30 @@ class RpcClient:
         await self.close()
 
 
+def idle_close(err: BaseException | None) -> bool:
+    """Is err the server's notice that it closed an idle connection (see RpcServer idle_timeout)?"""
+    return isinstance(err, ProtocolError) and "idle_timeout" in err.data
+
+
+def _readable(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    try:
+        return sock is not None and fds.readable(sock.fileno(), 0)
+    except (OSError, ValueError):  # already closed
+        return True
+
+
 class SyncRpcClient:
     """Blocking wrapper: a private event loop run in the calling thread for each call.
-    Not usable from inside a running event loop."""
+    Not usable from inside a running event loop.
+
+    Closed by close(), and else when it is garbage-collected or the interpreter exits (weakref.finalize):
+    a loop left to the GC would destroy the pending reply reader and print tracebacks."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: RpcClient) -> None:
         self._loop = loop
         self._client = client
+        self._finalizer = weakref.finalize(self, _close_sync, loop, client, os.getpid())
 
     @classmethod
     def _open(cls, connect: Callable[[], Awaitable[RpcClient]]) -> SyncRpcClient:
@@ -502,18 +581,42 @@ class SyncRpcClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
+        if self._loop.is_closed():
+            raise ProtocolError("connection closed by this client")
         return self._loop.run_until_complete(self._client.call(method, params, timeout))
 
+    def closed_as_idle(self) -> bool:
+        return not self._loop.is_closed() and self._loop.run_until_complete(self._client.closed_as_idle())
+
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._loop.run_until_complete(self._client.close())
-        finally:
-            self._loop.close()
+        self._finalizer()
 
     def __enter__(self) -> SyncRpcClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_sync(loop: asyncio.AbstractEventLoop, client: RpcClient, pid: int) -> None:
+    """SyncRpcClient's finalizer: close the connection on its own loop, then the loop."""
+    if loop.is_closed() or os.getpid() != pid:
+        return  # a forked child shares the parent's epoll instance: running our loop would disturb it
+    try:
+        if _loop_runs_here():
+            # Collected inside another loop's callback, where ours cannot run: run it in a thread.
+            t = threading.Thread(target=loop.run_until_complete, args=(client.close(),))
+            t.start()
+            t.join()
+        else:
+            loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+
+
+def _loop_runs_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NodeUnavailable, PoolError
+from .fds import raise_nofile_limit
 from .service_config import ServiceConfig, read_token
 
 log = logging.getLogger("pool.service")
@@ -77,11 +78,11 @@ class Service:
             self.cluster = Cluster(Store(cfg.store), local, remotes, self._source_host())
             await self.cluster.start(set(node_tokens.values()),
                                      cfg.source[1] if cfg.source else 0)
-            unix = RpcServer(self.handle, name="prewarm-pool")
+            unix = RpcServer(self.handle, name="prewarm-pool", **cfg.connection_limits())
             self._rpcs.append(unix)
             self.socket_path = await unix.start_unix(cfg.socket, mode=0o660)
             if cfg.tcp:
-                tcp = RpcServer(self.handle, tokens=tokens, name="prewarm-pool")
+                tcp = RpcServer(self.handle, tokens=tokens, name="prewarm-pool", **cfg.connection_limits())
                 self._rpcs.append(tcp)
                 self.tcp_address = await tcp.start_tcp(*cfg.tcp)
         except BaseException:
@@ -329,4 +330,5 @@ def serve(cfg: ServiceConfig) -> int:
     """Run a service on uvloop until SIGTERM/SIGINT; returns the exit code."""
     import uvloop  # noqa: PLC0415
 
+    raise_nofile_limit()
     return uvloop.run(Service(cfg).run())

@@ -12,6 +12,8 @@
     local_node = true              # false: a pure coordinator; spawns go to [nodes.*] only
     source = "10.0.0.1:0"          # where the coordinator serves templates to agents (HOST:PORT)
     heartbeat_s = 1.0              # nodes are pinged this often; down after 3 missed
+    max_connections = 1024         # per listener; more get an error and are closed
+    idle_connection_timeout = 300  # seconds a connection may idle after its hello (0: no limit)
     [nodes.n2]                     # a `pool agent` (see docs/nodes.md)
     address = "10.0.0.2:7070"
     token_file = "/etc/pool/n2.token"
@@ -39,6 +41,8 @@ SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "d
                 "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
                 "early_death_s", "exited_history", "max_live", "capacity", "local_node",
                 "source", "heartbeat_s")
+# RPC connection limits (floods): a separate block so that other keys merge cleanly.
+SERVICE_KEYS += ("max_connections", "idle_connection_timeout")
 NODE_KEYS = ("address", "token_file")
 TEMPLATE_KEYS = ("min_warm", "max_live", "ttl", "idle_timeout")
 PATH_KEYS = ("socket", "store", "run_dir", "token_file")
@@ -67,6 +71,14 @@ class ServiceConfig:
     defaults: WarmSettings = WarmSettings()
     templates: dict[str, WarmSettings] = field(default_factory=dict)
     nodes: dict[str, "NodeConfig"] = field(default_factory=dict)
+    # RPC connection limits (floods)
+    max_connections: int = 1024          # per listener (unix socket, TCP, agent)
+    idle_connection_timeout: float = 300.0  # after the hello, no request in flight; 0: never
+
+    def connection_limits(self) -> dict[str, Any]:
+        """RpcServer keyword arguments for the connection limits."""
+        return {"max_connections": self.max_connections,
+                "idle_timeout": self.idle_connection_timeout or None}
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         capacity=s.get("capacity", "int", 64, at_least(1)),
         local_node=s.get("local_node", "bool", True),
         heartbeat_s=s.get("heartbeat_s", "float", 1.0, _positive),
+        max_connections=s.get("max_connections", "int", 1024, at_least(1)),
+        idle_connection_timeout=s.get("idle_connection_timeout", "float", 300.0, _non_negative),
         defaults=WarmSettings(0, max_live_default))
     for key in PATH_KEYS:
         if v := s.get(key, "str", None):

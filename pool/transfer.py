@@ -69,12 +69,14 @@ class FetchResult:
 
 
 # --- framing helpers ------------------------------------------------------------------------------
-async def _read_frame(reader: asyncio.StreamReader, idle: float) -> dict:
+async def _read_frame(reader: asyncio.StreamReader, idle: float,
+                      max_frame: int = protocol.MAX_FRAME) -> dict:
     try:
         header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), idle)
         (size,) = protocol.HEADER.unpack(header)
-        if size > protocol.MAX_FRAME:
-            raise ProtocolError(f"frame declares {size} bytes, over the limit")
+        if size > max_frame:
+            raise ProtocolError(f"frame declares {size} bytes, over the limit of {max_frame}",
+                                size=size, limit=max_frame)
         payload = await asyncio.wait_for(reader.readexactly(size), idle)
     except asyncio.IncompleteReadError as e:
         raise TransferError("the peer closed the connection") from e
@@ -177,7 +179,8 @@ class TemplateSource:
         streaming = False
         try:
             idle = self.idle_timeout
-            protocol.check_hello(await _read_frame(reader, idle), self.tokens)
+            # Before authentication nobody gets to make us buffer megabytes.
+            protocol.check_hello(await _read_frame(reader, idle, protocol.HELLO_MAX_FRAME), self.tokens)
             await _send(writer, protocol.encode_frame(protocol.make_hello_reply("pool-transfer")), idle)
             req = _expect(await _read_frame(reader, idle), "fetch")
             template, codec = self._offer(req)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
@@ -19,45 +18,9 @@ import pytest
 import pool
 from pool.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, NodeUnavailable, Quarantined
+from servicelab import POOL, cli, wait_until
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-POOL = str(ROOT / ".venv" / "bin" / "pool")
-
-
-@pytest.fixture
-def py_hello(built):
-    return built("py-hello")
-
-
-@pytest.fixture
-def service(session_store, py_hello, tmp_path):
-    """start(config) -> LocalService on the session store; every started service is stopped."""
-    started = []
-
-    def start(config: str = "[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n", **kw):
-        svc = LocalService(session_store.root, tmp_path, config, **kw)
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        svc.stop()
-
-
-def wait_until(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def cli(svc, *args, check=True):
-    r = subprocess.run([POOL, *args], env=svc.env, capture_output=True, text=True, timeout=60)
-    if check and r.returncode != 0:
-        raise AssertionError(f"pool {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 
 from pool import errors
 from pool import protocol as P
+from pool.config import Limits
 from pool.errors import AuthError, BadRequest, ProtocolError
 
 
@@ -121,24 +122,24 @@ def test_valid_params(method, params, expect):
 
 
 @pytest.mark.parametrize("method,params,param,expected", [
-    ("spawn", {}, "template", "str"),                                      # missing required
-    ("spawn", {"template": 1}, "template", "str"),
+    ("spawn", {}, "template", P.NAME.name),                                # missing required
+    ("spawn", {"template": 1}, "template", P.NAME.name),
     ("spawn", {"template": "p", "env": {"A": 1}}, "env", "dict[str, str]"),
     ("spawn", {"template": "p", "env": ["A"]}, "env", "dict[str, str]"),
     ("spawn", {"template": "p", "args": "ls"}, "args", "list[str]"),
     ("spawn", {"template": "p", "args": ["a", 2]}, "args", "list[str]"),
-    ("spawn", {"template": "p", "timeout": "5"}, "timeout", "float >= 0"),
-    ("spawn", {"template": "p", "timeout": True}, "timeout", "float >= 0"),  # bool is not a number
-    ("spawn", {"template": "p", "timeout": float("nan")}, "timeout", "float >= 0"),
-    ("spawn", {"template": "p", "timeout": -1}, "timeout", "float >= 0"),
-    ("spawn", {"template": "p", "node": 3}, "node", "str | None"),
-    ("kill", {"id": None}, "id", "str"),
+    ("spawn", {"template": "p", "timeout": "5"}, "timeout", P.DURATION.name),
+    ("spawn", {"template": "p", "timeout": True}, "timeout", P.DURATION.name),  # bool is not a number
+    ("spawn", {"template": "p", "timeout": float("nan")}, "timeout", P.DURATION.name),
+    ("spawn", {"template": "p", "timeout": -1}, "timeout", P.DURATION.name),
+    ("spawn", {"template": "p", "node": 3}, "node", P.OPT_NAME.name),
+    ("kill", {"id": None}, "id", P.INSTANCE_ID.name),
     ("logs", {"id": "i", "stream": "stdin"}, "stream", "'stdout' | 'stderr'"),
-    ("logs", {"id": "i", "offset": 1.0}, "offset", "int >= 0"),
-    ("logs", {"id": "i", "limit": False}, "limit", "int >= 0"),
-    ("logs", {"id": "i", "offset": -1}, "offset", "int >= 0"),
-    ("set_warm", {"template": "p"}, "min_warm", "int >= 0"),
-    ("wait", {"id": "i", "timeout": "never"}, "timeout", "float >= 0 | None"),
+    ("logs", {"id": "i", "offset": 1.0}, "offset", P.COUNT.name),
+    ("logs", {"id": "i", "limit": False}, "limit", P.COUNT.name),
+    ("logs", {"id": "i", "offset": -1}, "offset", P.COUNT.name),
+    ("set_warm", {"template": "p"}, "min_warm", P.MIN_WARM.name),
+    ("wait", {"id": "i", "timeout": "never"}, "timeout", P.DURATION.name + " | None"),
 ])
 def test_wrong_params(method, params, param, expected):
     with pytest.raises(BadRequest) as e:
@@ -151,7 +152,79 @@ def test_wrong_params(method, params, param, expected):
 def test_wrong_type_message_says_expected_and_got():
     with pytest.raises(BadRequest) as e:
         req("kill", {"id": "i", "grace": "soon"})
-    assert e.value.message == "kill: parameter 'grace' must be float >= 0, got str"
+    assert e.value.message == "kill: parameter 'grace' must be float in [0, 604800], got str"
+
+
+# --- what a caller hands a copy: refused here, before any copy is touched -----------------------------
+def bad(method, params):
+    with pytest.raises(BadRequest) as e:
+        req(method, params)
+    return e.value
+
+
+@pytest.mark.parametrize("hostname", [
+    "a" * 65, "a" * 80, "", "-lead", ".lead", "under_score", "sp ace", "tab\t", "nul\0", "é", "a/b"])
+@pytest.mark.parametrize("method,base", [
+    ("spawn", {"template": "p"}), ("fork", {"id": "i"}),
+    ("fork_restore", {"template": "p", "source": "h:1", "build_id": "b", "token": "t"})])
+def test_bad_hostnames_are_refused(method, base, hostname):
+    e = bad(method, {**base, "hostname": hostname})
+    assert e.data["param"] == "hostname" and "hostname" in e.message
+
+
+@pytest.mark.parametrize("hostname", ["a", "a" * 64, "copy-a", "n1.example.org", "A9-b.c"])
+def test_good_hostnames_pass(hostname):
+    assert req("spawn", {"template": "p", "hostname": hostname}).params["hostname"] == hostname
+
+
+@pytest.mark.parametrize("env,key", [
+    ({"A=B": "1"}, "A=B"), ({"": "1"}, ""), ({"A\0B": "1"}, "A\0B"), ({"OK": "v", "V": "a\0b"}, "V")])
+def test_env_names_and_values_the_sdk_would_refuse_are_refused(env, key):
+    e = bad("spawn", {"template": "p", "env": env})
+    assert e.data["param"] == "env" and e.data["key"] == key
+
+
+def test_args_with_nul_name_their_index():
+    e = bad("spawn", {"template": "p", "args": ["ok", "b\0d"]})
+    assert e.data["param"] == "args" and e.data["index"] == 1
+
+
+def test_identity_size_and_counts_are_capped():
+    limits = Limits()
+    e = bad("spawn", {"template": "p", "env": {"BIG": "x" * (2 << 20)}})
+    assert e.data["param"] == "env" and e.data["limit"] == limits.max_identity_bytes
+    half = "x" * (limits.max_identity_bytes // 2)
+    e = bad("spawn", {"template": "p", "env": {"A": half}, "args": [half]})  # each fits, not together
+    assert e.data["size"] == 2 * len(half) + 1
+    at_limit = {"A": "x" * (limits.max_identity_bytes - 1)}
+    assert req("spawn", {"template": "p", "env": at_limit}).params["env"] == at_limit
+    assert "variables" in bad("spawn", {"template": "p",
+                                        "env": {f"V{i}": "" for i in range(limits.max_env_vars + 1)}}).message
+    assert "arguments" in bad("spawn", {"template": "p", "args": [""] * (limits.max_args + 1)}).message
+
+
+@pytest.mark.parametrize("method,params,param", [
+    ("spawn", {"template": "../etc"}, "template"),
+    ("spawn", {"template": "Py-Hello"}, "template"),
+    ("spawn", {"template": "a" * 64}, "template"),
+    ("set_warm", {"template": "p/q", "min_warm": 1}, "template"),
+    ("spawn", {"template": "p", "node": "../n"}, "node"),
+    ("push", {"template": "p", "node": ""}, "node"),
+    ("info", {"id": "../../etc"}, "id"),
+    ("kill", {"id": "i" * 65}, "id"),
+    ("fork_release", {"template": "-x"}, "template"),
+    ("fetch_template", {"name": "p", "source": "h" * 5000}, "source"),
+    ("set_warm", {"template": "p", "min_warm": 100000}, "min_warm"),
+    ("wait", {"id": "i", "timeout": 1e300}, "timeout"),
+    ("logs", {"id": "i", "offset": 2 ** 63}, "offset"),
+])
+def test_names_ids_and_sizes_are_checked(method, params, param):
+    assert bad(method, params).data["param"] == param
+
+
+def test_a_long_value_is_cut_short_in_the_error():
+    e = bad("spawn", {"template": "p", "hostname": "h" * 100000})
+    assert len(e.message) < 400 and "100000 chars" in e.message
 
 
 def test_unknown_method_lists_known_ones():

@@ -1,11 +1,15 @@
 """The RPC layer over real sockets, on the default loop and on uvloop. Every wait is bounded."""
 import asyncio
+import gc
 import logging
 import os
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -14,6 +18,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pool
 from pool import errors
 from pool import protocol as P
 from pool.rpc import InternalError, RequestTimeout, RpcClient, RpcServer, SyncRpcClient
@@ -180,7 +185,7 @@ def test_bad_requests_keep_the_connection(arun, tmp_path):
         async with await RpcClient.connect_unix(path) as client:
             with pytest.raises(errors.BadRequest, match="unknown method 'fly'"):
                 await client.call("fly")
-            with pytest.raises(errors.BadRequest, match="'template' must be str") as e:
+            with pytest.raises(errors.BadRequest, match="'template' must be a name") as e:
                 await client.call("spawn", {"template": 3})
             assert e.value.data["param"] == "template"
             with pytest.raises(errors.BadRequest, match="unknown parameter"):
@@ -326,6 +331,84 @@ def test_oversized_and_garbage_frames_close_the_connection(arun, tmp_path):
     arun(main())
 
 
+# --- floods: connection cap and idle timeout -------------------------------------------------------------
+def test_connections_over_the_cap_get_an_error_and_are_closed(arun, tmp_path):
+    async def main():
+        server, path = await started(tmp_path=tmp_path, max_connections=2)
+        r1, w1 = await asyncio.open_unix_connection(str(path))   # never says hello
+        r2, w2 = await asyncio.open_unix_connection(str(path))
+        await raw_hello(r2, w2)
+        await until(lambda: server.connections == 2)
+        r3, w3 = await asyncio.open_unix_connection(str(path))
+        frames = await raw_frames(r3)                              # ends: the server closed it
+        assert [(f["id"], f["error"]["code"]) for f in frames] == [(0, "no_capacity")]
+        assert frames[0]["error"]["data"] == {"connections": 2, "limit": 2}
+        with pytest.raises(errors.NoCapacity, match="max_connections"):
+            await RpcClient.connect_unix(path)
+        assert server.refused == 2 and server.connections == 2
+        w1.close()
+        await until(lambda: server.connections == 1)
+        async with await RpcClient.connect_unix(path) as client:  # room again
+            assert await client.call("ping") == "pong"
+        for w in (w2, w3):
+            w.close()
+        await server.close()
+    arun(main())
+
+
+def test_an_idle_connection_is_closed_after_the_hello(arun, tmp_path):
+    async def main():
+        server, path = await started(tmp_path=tmp_path, idle_timeout=0.1)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await raw_hello(reader, writer)
+        frames = await raw_frames(reader)
+        assert [(f["id"], f["error"]["code"]) for f in frames] == [(0, "protocol_error")]
+        assert frames[0]["error"]["data"] == {"idle_timeout": 0.1}
+        await until(lambda: server.connections == 0)
+        writer.close()
+        await server.close()
+    arun(main())
+
+
+def test_a_connection_with_a_request_in_flight_is_not_idle(arun, tmp_path):
+    async def main():
+        release = asyncio.Event()
+
+        async def handler(method, params, ctx):
+            await release.wait()
+            return "done"
+        server, path = await started(handler, tmp_path=tmp_path, idle_timeout=0.05)
+        async with await RpcClient.connect_unix(path) as client:
+            call = asyncio.create_task(client.call("ping"))
+            await asyncio.sleep(0.5)  # ten idle timeouts: the request keeps the connection busy
+            assert not client.closed and server.connections == 1
+            release.set()
+            assert await call == "done"
+            await until(lambda: client.closed)  # idle again once the reply is out
+            assert await client.closed_as_idle()
+        await server.close()
+    arun(main())
+
+
+def test_clients_reconnect_after_an_idle_close(serve_in_thread):
+    server, path, loop = serve_in_thread(idle_timeout=0.05)
+    c = pool.Client(path, token=TOKEN)
+    try:
+        assert c.ping() == "pong"
+        wait_for_connections(server, loop, 0)  # closed as idle
+        assert c.ping() == "pong" and not c.broken
+    finally:
+        c.close()
+
+    async def with_async_client():
+        ac = await pool.AsyncClient.connect(path, token=TOKEN)
+        async with ac:
+            assert await ac.ping() == "pong"
+            await until(lambda: ac._rpc.closed)
+            assert await asyncio.gather(ac.ping(), ac.ping()) == ["pong", "pong"]
+    asyncio.run(with_async_client())
+
+
 # --- connection loss ----------------------------------------------------------------------------------
 def test_client_vanishing_mid_call_cancels_its_requests(arun, tmp_path, caplog):
     async def main():
@@ -387,26 +470,78 @@ def test_socket_file_lifecycle(arun, tmp_path):
 
 
 # --- the blocking client ---------------------------------------------------------------------------
-def test_sync_client(tmp_path):
+@pytest.fixture
+def serve_in_thread(tmp_path):
+    """serve_in_thread(**RpcServer kwargs) -> (server, path, loop): an RpcServer (token TOKEN) on a loop
+    in a thread, for blocking clients. Stopped at the end."""
     loop = asyncio.new_event_loop()
-    server = RpcServer(Handler(), tokens={TOKEN}, name="sync-node")
-    path = loop.run_until_complete(server.start_unix(tmp_path / "pool.sock"))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
+    servers = []
+
+    def start(**kw):
+        server = RpcServer(Handler(), tokens={TOKEN}, name="sync-node", **kw)
+        servers.append(server)
+        path = asyncio.run_coroutine_threadsafe(server.start_unix(tmp_path / "pool.sock"), loop).result(5)
+        return server, path, loop
+
     thread.start()
     try:
-        with SyncRpcClient.connect_unix(path, TOKEN) as client:
-            assert client.server == "sync-node"
-            assert client.call("ping") == "pong"
-            with pytest.raises(errors.NoCapacity):
-                client.call("info", {"id": "full"})
-            assert client.call("kill", {"id": "i"}) == {"method": "kill", "params": {"id": "i", "grace": 3.0}}
-        with pytest.raises(errors.AuthError):
-            SyncRpcClient.connect_unix(path, "wrong")
+        yield start
     finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
+        for server in servers:
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@pytest.fixture
+def threaded_server(serve_in_thread):
+    return serve_in_thread()
+
+
+def test_sync_client(threaded_server):
+    _, path, _ = threaded_server
+    with SyncRpcClient.connect_unix(path, TOKEN) as client:
+        assert client.server == "sync-node"
+        assert client.call("ping") == "pong"
+        with pytest.raises(errors.NoCapacity):
+            client.call("info", {"id": "full"})
+        assert client.call("kill", {"id": "i"}) == {"method": "kill", "params": {"id": "i", "grace": 3.0}}
+    with pytest.raises(errors.AuthError):
+        SyncRpcClient.connect_unix(path, "wrong")
+
+
+def connections(server, loop) -> int:
+    return asyncio.run_coroutine_threadsafe(asyncio.sleep(0, server.connections), loop).result(5)
+
+
+def wait_for_connections(server, loop, n, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while connections(server, loop) != n:
+        assert time.monotonic() < deadline, f"the server did not get to {n} connections"
+        time.sleep(0.01)
+
+
+def test_sync_client_left_to_the_gc_closes_its_connection_quietly(threaded_server, caplog):
+    server, path, loop = threaded_server
+    client = SyncRpcClient.connect_unix(path, TOKEN)
+    assert client.call("ping") == "pong"
+    own_loop = client._loop
+    del client
+    gc.collect()
+    assert own_loop.is_closed()
+    wait_for_connections(server, loop, 0)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_a_script_that_never_closes_its_client_exits_silently(threaded_server):
+    _, path, _ = threaded_server
+    script = ("import sys\nfrom pool.rpc import SyncRpcClient\n"
+              "c = SyncRpcClient.connect_unix(sys.argv[1], sys.argv[2])\nassert c.call('ping') == 'pong'\n")
+    r = subprocess.run([sys.executable, "-c", script, str(path), TOKEN], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
 
 
 # --- robustness ---------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ def test_defaults_without_a_file():
     cfg = load_config(None)
     assert cfg.on_shutdown == "kill" and cfg.tcp is None and cfg.templates == {}
     assert cfg.defaults.max_live == 32
+    assert cfg.connection_limits() == {"max_connections": 1024, "idle_timeout": 300.0}
+
+
+def test_connection_limits(tmp_path):
+    cfg = load_config(write(tmp_path, "[service]\nmax_connections = 16\nidle_connection_timeout = 0\n"))
+    assert cfg.connection_limits() == {"max_connections": 16, "idle_timeout": None}  # 0: no limit
 
 
 def test_full_file_and_overrides(tmp_path):
@@ -47,6 +53,8 @@ max_live = 4
     ("[service]\non_shutdown = \"drop\"\n", "service.on_shutdown", "expected one of"),
     ("[service]\nmetrics = \"9464\"\n", "service.metrics", "HOST:PORT"),
     ("[service]\nmax_live = 0\n", "service.max_live", "at least 1"),
+    ("[service]\nmax_connections = 0\n", "service.max_connections", "at least 1"),
+    ("[service]\nidle_connection_timeout = -1\n", "service.idle_connection_timeout", "0 or more"),
     ("[service]\ndrain_timeout = \"10\"\n", "service.drain_timeout", "expected a number, got string"),
     ("[templates.Bad_Name]\nmin_warm = 1\n", "templates.Bad_Name", "not a valid template name"),
     ("[templates.x]\nmin_warm = 5\nmax_live = 2\n", "templates.x.min_warm", "more than max_live"),

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import zstandard
 
-from pool import transfer
+from pool import protocol, transfer
 from pool.compat import NodeFacts
 from pool.errors import AuthError, Incompatible, TemplateCorrupt, TemplateNotFound, TransferError
 from pool.store import MANIFEST, Store, manifest_problem, new_build_id
@@ -228,6 +228,24 @@ def test_refusals_are_typed(tmp_path):
             assert res.template is not None
         with pytest.raises(TransferError, match="cannot reach"):
             await transfer.fetch(b, "fake", addr, timeout=5)
+
+    asyncio.run(main())
+
+
+def test_a_big_frame_before_the_hello_is_refused_unread(tmp_path):
+    """An unauthenticated peer may not make the source buffer megabytes: the hello frame is small."""
+    a = Store(tmp_path / "a")
+
+    async def main():
+        async with source(a, tokens={"s3cret"}) as (_, (host, port)):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(protocol.HEADER.pack(protocol.MAX_FRAME) + b"x" * 100)  # the rest never comes
+            try:
+                frames = protocol.FrameDecoder().feed(await asyncio.wait_for(reader.read(), 5))
+            finally:
+                writer.close()
+            assert frames[0]["op"] == "error" and frames[0]["error"]["code"] == "protocol_error"
+            assert frames[0]["error"]["data"]["limit"] == protocol.HELLO_MAX_FRAME
 
     asyncio.run(main())
 
