@@ -25,6 +25,7 @@ from . import errors
 from .config import Limits
 from .errors import AuthError, BadRequest, PoolError, ProtocolError
 from .spec import NAME_RE, NAME_RULE
+from .store import STORED_NAME_RE
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -169,8 +170,11 @@ def _pattern(name: str, regex: re.Pattern) -> Type:
     return Type(name, _text_problem(regex.fullmatch))
 
 
-# The store's rule for template (and node) names; instance ids and hostnames have their own.
+# template.toml's rule for node names; templates may also be forks of live copies (TEMPLATE+fork-HEX,
+# the store's rule); instance ids and hostnames have their own.
 NAME = _pattern(f"a name ({NAME_RULE})", NAME_RE)
+TEMPLATE = _pattern(f"a template name ({NAME_RULE}; a fork's: NAME+fork-16 hex digits)",
+                    STORED_NAME_RE)
 INSTANCE_ID = _pattern("an instance id (letters, digits, '.', '_' or '-', at most 64 chars)",
                        re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"))
 # sethostname(2) takes at most 64 bytes; the charset is what a resolver and a shell prompt accept.
@@ -246,33 +250,33 @@ def opt(t: Type, default: Any = None) -> Param:
     return Param(t, False, default)
 
 
-OPT_NAME, OPT_HOSTNAME = optional(NAME), optional(HOSTNAME)
+OPT_NAME, OPT_TEMPLATE, OPT_HOSTNAME = optional(NAME), optional(TEMPLATE), optional(HOSTNAME)
 METHODS: dict[str, dict[str, Param]] = {
     "ping": {},
-    "spawn": {"template": req(NAME), "env": opt(ENV, {}), "args": opt(ARGS, []),
+    "spawn": {"template": req(TEMPLATE), "env": opt(ENV, {}), "args": opt(ARGS, []),
               "timeout": opt(DURATION, 30.0), "node": opt(OPT_NAME), "hostname": opt(OPT_HOSTNAME)},
     "kill": {"id": req(INSTANCE_ID), "grace": opt(DURATION, 3.0)},
     "wait": {"id": req(INSTANCE_ID), "timeout": opt(optional(DURATION))},
-    "list": {"template": opt(OPT_NAME)},
+    "list": {"template": opt(OPT_TEMPLATE)},
     "info": {"id": req(INSTANCE_ID)},
     "logs": {"id": req(INSTANCE_ID), "stream": opt(one_of("stdout", "stderr"), "stdout"),
              "offset": opt(COUNT, 0), "limit": opt(COUNT, 65536)},
     "templates": {},
     "stats": {},
-    "set_warm": {"template": req(NAME), "min_warm": req(MIN_WARM)},
+    "set_warm": {"template": req(TEMPLATE), "min_warm": req(MIN_WARM)},
     # coordinator: its nodes, shipping a template to one, forking an instance onto one
     "nodes": {},
-    "push": {"template": req(NAME), "node": req(NAME), "timeout": opt(DURATION, 600.0)},
+    "push": {"template": req(TEMPLATE), "node": req(NAME), "timeout": opt(DURATION, 600.0)},
     "fork": {"id": req(INSTANCE_ID), "node": opt(OPT_NAME), "lazy": opt(BOOL, False),
              "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 120.0)},
     # node (`pool agent`), asked by a coordinator
     "facts": {},
-    "fetch_template": {"name": req(NAME), "source": req(TEXT), "build_id": opt(optional(TEXT)),
+    "fetch_template": {"name": req(TEMPLATE), "source": req(TEXT), "build_id": opt(optional(TEXT)),
                        "token": opt(optional(TEXT)), "timeout": opt(DURATION, 600.0)},
     "fork_checkpoint": {"id": req(INSTANCE_ID), "lazy": opt(BOOL, False),
                         "timeout": opt(DURATION, 120.0)},
-    "fork_release": {"template": req(NAME), "abort": opt(BOOL, False)},
-    "fork_restore": {"template": req(NAME), "source": req(TEXT), "build_id": req(TEXT),
+    "fork_release": {"template": req(TEMPLATE), "abort": opt(BOOL, False)},
+    "fork_restore": {"template": req(TEMPLATE), "source": req(TEXT), "build_id": req(TEXT),
                      "token": req(TEXT), "page_server": opt(optional(TEXT)),
                      "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 60.0)},
 }

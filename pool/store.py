@@ -34,7 +34,8 @@ _TEMPLATE_NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
 # A fork of a live copy is stored as TEMPLATE+fork-RANDOM: '+' is in no template name, so a fork can
 # never replace (or be released over) a template, and 64 random bits keep two forks apart.
 FORK_SEP = "+fork-"
-_NAME_RE = re.compile(rf"^{_TEMPLATE_NAME}(?:\+fork-[0-9a-f]{{16}})?$")
+STORED_NAME_RE = re.compile(rf"^{_TEMPLATE_NAME}(?:\+fork-[0-9a-f]{{16}})?$")
+_NAME_RE = STORED_NAME_RE
 _BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

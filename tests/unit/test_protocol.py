@@ -122,8 +122,8 @@ def test_valid_params(method, params, expect):
 
 
 @pytest.mark.parametrize("method,params,param,expected", [
-    ("spawn", {}, "template", P.NAME.name),                                # missing required
-    ("spawn", {"template": 1}, "template", P.NAME.name),
+    ("spawn", {}, "template", P.TEMPLATE.name),                                # missing required
+    ("spawn", {"template": 1}, "template", P.TEMPLATE.name),
     ("spawn", {"template": "p", "env": {"A": 1}}, "env", "dict[str, str]"),
     ("spawn", {"template": "p", "env": ["A"]}, "env", "dict[str, str]"),
     ("spawn", {"template": "p", "args": "ls"}, "args", "list[str]"),
@@ -220,6 +220,18 @@ def test_identity_size_and_counts_are_capped():
 ])
 def test_names_ids_and_sizes_are_checked(method, params, param):
     assert bad(method, params).data["param"] == param
+
+
+def test_a_fork_of_a_live_copy_is_a_template_name_but_not_a_node_name():
+    from pool.store import fork_name
+    fork = fork_name("a" * 63)
+    for method, params in [("spawn", {"template": fork}), ("fork_release", {"template": fork}),
+                           ("fetch_template", {"name": fork, "source": "h:1"}),
+                           ("fork_restore", {"template": fork, "source": "h:1", "build_id": "b",
+                                             "token": "t"})]:
+        assert req(method, params).params
+    assert bad("push", {"template": "p", "node": fork}).data["param"] == "node"
+    assert bad("spawn", {"template": "p+fork-xyz"}).data["param"] == "template"
 
 
 def test_a_long_value_is_cut_short_in_the_error():

@@ -185,7 +185,7 @@ def test_bad_requests_keep_the_connection(arun, tmp_path):
         async with await RpcClient.connect_unix(path) as client:
             with pytest.raises(errors.BadRequest, match="unknown method 'fly'"):
                 await client.call("fly")
-            with pytest.raises(errors.BadRequest, match="'template' must be a name") as e:
+            with pytest.raises(errors.BadRequest, match="'template' must be a template name") as e:
                 await client.call("spawn", {"template": 3})
             assert e.value.data["param"] == "template"
             with pytest.raises(errors.BadRequest, match="unknown parameter"):
