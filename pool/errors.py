@@ -102,14 +102,16 @@ class BuildError(PoolError):
 
     code = "build_failed"
 
-    def __init__(self, step: str, problem: str, *, output_tail: str = "") -> None:
+    def __init__(self, step: str, problem: str, *, output_tail: str = "",
+                 errno: int | None = None) -> None:
         text = f"build failed while {step}: {problem}"
         if output_tail:
             text += "\n--- last output of the app ---\n" + output_tail
-        super().__init__(text, step=step, problem=problem, output_tail=output_tail)
+        super().__init__(text, step=step, problem=problem, output_tail=output_tail, errno=errno)
         self.step = step
         self.problem = problem
         self.output_tail = output_tail
+        self.errno = errno
 
 
 # --- instances --------------------------------------------------------------------------------------
