@@ -53,7 +53,8 @@ want=4194304
 have=$(cat /proc/sys/fs/pipe-max-size)
 if [ "$have" -lt "$want" ]; then
   log "raising fs.pipe-max-size from $have to $want (lazy restore)"
-  sysctl -q -w fs.pipe-max-size=$want || log "warning: could not raise fs.pipe-max-size: lazy restore unavailable"
+  # (written directly: a bare Debian has no sysctl, which comes with procps)
+  echo "$want" 2>/dev/null >/proc/sys/fs/pipe-max-size || log "warning: could not raise fs.pipe-max-size: lazy restore unavailable"
 fi
 
 # A half-made venv (python missing or broken, pip never installed, an install interrupted) is
