@@ -54,7 +54,7 @@ def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quie
           timeout: float = 300.0, echo: Callable[[str], None] | None = None) -> BuildResult:
     try:
         return _build(spec, st, criu, progress, timeout, echo)
-    except OSError as e:  # the staging dir, the manifest, the publish: the app's part raises BuildError
+    except OSError as e:  # staging dir, manifest, publish (the app's steps raise BuildError)
         raise BuildError("writing the store", store.write_problem(e.errno), errno=e.errno) from e
 
 
@@ -114,14 +114,17 @@ def _build(spec: Spec, st: store.Store, criu: Criu, progress: Progress, timeout:
 
 def _checkpoint_failed(e: CriuFailed, app: sandbox.BootedApp) -> BuildError:
     code = e.errno or _no_space_logged(e.log_tail)
-    why = store.write_problem(code) if code in store.NO_SPACE else hints.explain(hints.DUMP, e.log_tail)
+    if code in store.NO_SPACE:
+        why = store.write_problem(code)
+    else:
+        why = hints.explain(hints.DUMP, e.log_tail)
     return BuildError("checkpointing", "CRIU refused the checkpoint" + (f": {why}" if why else "")
                       + f"\n--- CRIU log ---\n{e.log_tail}", output_tail=app.output.text(),
                       errno=code)
 
 
 def _no_space_logged(log: str) -> int | None:
-    """CRIU logs a failed image write's strerror text, not its errno: ENOSPC or EDQUOT, else None."""
+    """ENOSPC or EDQUOT if CRIU's log shows a write that failed so (it logs strerror, not errno)."""
     return next((code for code in store.NO_SPACE if os.strerror(code) in log), None)
 
 

@@ -98,7 +98,8 @@ class Incompatible(PoolError):
 
 
 class BuildError(PoolError):
-    """Building a template failed at a named step; the app's last output lines come along."""
+    """Building a template failed at a named step; the app's last output lines come along, and the
+    errno when the step failed on one (e.g. ENOSPC: the store's disk is full)."""
 
     code = "build_failed"
 

@@ -263,9 +263,11 @@ def manifest_problem(manifest: Any, name: str) -> str | None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_problem(code: int) -> str:
+def write_problem(code: int | None) -> str:
     """A failed write into the store, as an error message says it: errno name and text, and what to
     do when the disk (or the quota) is full."""
+    if code is None:
+        return "the store could not be written"
     text = f"{errno.errorcode.get(code, str(code))}: {os.strerror(code)}"
     if code in NO_SPACE:
         text += " (the store's disk is full: free space there, or move the store)"
