@@ -1,4 +1,5 @@
-# The two commands a fresh machine needs: `make demo` and `make test`. Both set the machine up first.
+# The two commands a fresh machine needs: `make demo` and `make test`. Both set the machine up first:
+# `make setup` installs everything any target needs (scripts/setup.sh), so no test installs anything.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -18,11 +19,9 @@ integration: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 demo: setup
-	scripts/setup-heavy.sh
 	$(PY) -m pool.demo
 
 bench: setup
-	scripts/setup-heavy.sh
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/report.py bench/results/latest.json
 

@@ -168,8 +168,7 @@ def measure(benchmark, template: str, mode: str, start: Callable[[], tuple[Calla
 # --- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def heavy(template):
-    """heavy(name): deps installed (scripts/setup-heavy.sh, quick when done), image built once."""
-    subprocess.run([str(ROOT / "scripts/setup-heavy.sh")], check=True, timeout=1800)
+    """heavy(name): the image built once (its dependencies come with `make setup`)."""
     return template
 
 

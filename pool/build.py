@@ -52,6 +52,14 @@ def app_environment(spec: Spec) -> dict[str, str]:
 
 def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quiet,
           timeout: float = 300.0, echo: Callable[[str], None] | None = None) -> BuildResult:
+    try:
+        return _build(spec, st, criu, progress, timeout, echo)
+    except OSError as e:  # staging dir, manifest, publish (the app's steps raise BuildError)
+        raise BuildError("writing the store", store.write_problem(e.errno), errno=e.errno) from e
+
+
+def _build(spec: Spec, st: store.Store, criu: Criu, progress: Progress, timeout: float,
+           echo: Callable[[str], None] | None) -> BuildResult:
     t0 = time.monotonic()
     criu_version = criu.version()
     with st.staging(spec.name) as staged:
@@ -68,14 +76,10 @@ def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quie
                 criu.dump(app.root_pid, image, log_dir=staged, timeout=timeout,
                           opts=DumpOptions(tcp_close=spec.checkpoint.tcp_close,
                                            ghost_limit=spec.checkpoint.ghost_limit))
+                dump_s = time.monotonic() - t_dump
+                criu.cpuinfo_dump(image)
             except CriuFailed as e:
-                hint = hints.explain(hints.DUMP, e.log_tail)
-                raise BuildError("checkpointing",
-                                 "CRIU refused the checkpoint" + (f": {hint}" if hint else "")
-                                 + f"\n--- CRIU log ---\n{e.log_tail}",
-                                 output_tail=app.output.text()) from e
-            dump_s = time.monotonic() - t_dump
-            criu.cpuinfo_dump(image)
+                raise _checkpoint_failed(e, app) from e
         except (BuildError, CriuError):
             raise
         except BaseException as e:
@@ -106,6 +110,22 @@ def build(spec: Spec, st: store.Store, criu: Criu, *, progress: Progress = _quie
     progress(f"built {spec.name}: ready after {boot_to_ready:.2f}s, image "
              f"{template.image_bytes / 2**20:.1f} MB, dump {dump_s:.2f}s")
     return BuildResult(template)
+
+
+def _checkpoint_failed(e: CriuFailed, app: sandbox.BootedApp) -> BuildError:
+    code = e.errno or _no_space_logged(e.log_tail)
+    if code in store.NO_SPACE:
+        why = store.write_problem(code)
+    else:
+        why = hints.explain(hints.DUMP, e.log_tail)
+    return BuildError("checkpointing", "CRIU refused the checkpoint" + (f": {why}" if why else "")
+                      + f"\n--- CRIU log ---\n{e.log_tail}", output_tail=app.output.text(),
+                      errno=code)
+
+
+def _no_space_logged(log: str) -> int | None:
+    """ENOSPC or EDQUOT if CRIU's log shows a write that failed so (it logs strerror, not errno)."""
+    return next((code for code in store.NO_SPACE if os.strerror(code) in log), None)
 
 
 def _boot(spec: Spec, echo) -> sandbox.BootedApp:

@@ -98,18 +98,21 @@ class Incompatible(PoolError):
 
 
 class BuildError(PoolError):
-    """Building a template failed at a named step; the app's last output lines come along."""
+    """Building a template failed at a named step; the app's last output lines come along, and the
+    errno when the step failed on one (e.g. ENOSPC: the store's disk is full)."""
 
     code = "build_failed"
 
-    def __init__(self, step: str, problem: str, *, output_tail: str = "") -> None:
+    def __init__(self, step: str, problem: str, *, output_tail: str = "",
+                 errno: int | None = None) -> None:
         text = f"build failed while {step}: {problem}"
         if output_tail:
             text += "\n--- last output of the app ---\n" + output_tail
-        super().__init__(text, step=step, problem=problem, output_tail=output_tail)
+        super().__init__(text, step=step, problem=problem, output_tail=output_tail, errno=errno)
         self.step = step
         self.problem = problem
         self.output_tail = output_tail
+        self.errno = errno
 
 
 # --- instances --------------------------------------------------------------------------------------

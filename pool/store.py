@@ -14,6 +14,7 @@ that started before the swap may still be reading it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -273,6 +274,20 @@ def manifest_problem(manifest: Any, name: str) -> str | None:
     if manifest.get("image_bytes") != sum(m["size"] for m in files.values()):
         return "image_bytes is not the sum of the file sizes"
     return None
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_problem(code: int | None) -> str:
+    """A failed write into the store, as an error message says it: errno name and text, and what to
+    do when the disk (or the quota) is full."""
+    if code is None:
+        return "the store could not be written"
+    text = f"{errno.errorcode.get(code, str(code))}: {os.strerror(code)}"
+    if code in NO_SPACE:
+        text += " (the store's disk is full: free space there, or move the store)"
+    return text
 
 
 def new_build_id() -> str:

@@ -37,7 +37,7 @@ from . import protocol
 from .compat import NodeFacts, compatibility_problem
 from .errors import (Incompatible, PoolError, ProtocolError, TemplateCorrupt, TemplateNotFound,
                      TransferError)
-from .store import Store, Template, manifest_problem
+from .store import Store, Template, manifest_problem, write_problem
 
 try:  # optional at import time: a node without it still speaks zlib
     import zstandard
@@ -415,6 +415,17 @@ async def _fetch(store: Store, name: str, reader: asyncio.StreamReader,
             await _send(writer, protocol.encode_frame({"op": "cancel"}), idle)
             return FetchResult(template=current, codec=codec, already_current=True)
 
+    try:
+        return await _receive(store, name, reader, writer, manifest, codec, idle)
+    except OSError as e:  # the network's are TransferErrors already: this is the store's disk
+        raise TransferError(f"cannot store {name!r} here: {write_problem(e.errno)}",
+                            errno=e.errno) from e
+
+
+async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter, manifest: dict, codec: str,
+                   idle: float) -> FetchResult:
+    """Receive the files this store lacks into its partial dir, then publish the build."""
     async with _partial_lock(store, name, idle):
         partial = store.partial_dir(name, manifest["build_id"])
         have, resume, hashers = await asyncio.to_thread(_scan_partial, partial, manifest)

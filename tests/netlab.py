@@ -222,6 +222,19 @@ class NetLab:
     def link_up(self, host: str) -> None:
         _ip("-n", self.hub, "link", "set", f"h{self.hosts.index(host) + 1}", "up")
 
+    def stall_after(self, host: str, burst: int) -> None:
+        """Let `burst` more bytes through towards host, then next to nothing (1 kbit/s): a transfer
+        to host surely starts and surely cannot finish, whatever the machine's speed."""
+        self._tc(host, "add", "tbf", "rate", "1kbit", "burst", str(burst), "latency", "60s")
+
+    def unstall(self, host: str) -> None:
+        self._tc(host, "del")
+
+    def _tc(self, host: str, verb: str, *qdisc: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.hub, "tc", "qdisc", verb, "dev",
+                        f"h{self.hosts.index(host) + 1}", "root", *qdisc],
+                       check=True, capture_output=True, text=True, timeout=30)
+
 
 def _checksum(data: bytes) -> int:
     if len(data) % 2:

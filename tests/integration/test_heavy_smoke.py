@@ -1,15 +1,13 @@
 """The heavy templates (jvm-app, py-embed, node-app): each builds, restores and gives one correct
 answer; and the heavy benchmark still runs end to end on reduced counts (BENCH_QUICK=1, ~2 minutes).
 
-Their dependencies (Debian's Jackson, torch + sentence-transformers, typescript) are not skipped when
-missing: the module fixture runs scripts/setup-heavy.sh, which installs what is missing and takes well
-under a second when everything is there.
+Their dependencies (Debian's Jackson and JDK, torch + sentence-transformers, typescript) are
+installed by `make setup` (scripts/setup.sh, then scripts/setup-heavy.sh) before any test runs.
 """
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,13 +37,8 @@ def correct(name: str, r: dict) -> bool:
     return "let n = 4 * 2;" in r["js"] and r["diagnostics"] == []
 
 
-@pytest.fixture(scope="module")
-def heavy_deps():
-    subprocess.run([str(ROOT / "scripts/setup-heavy.sh")], check=True, timeout=1800)
-
-
 @pytest.mark.parametrize("name", ["jvm-app", "py-embed", "node-app"])
-def test_heavy_template_build_restore_answer(heavy_deps, store, criu, tmp_path, name):
+def test_heavy_template_build_restore_answer(store, criu, tmp_path, name):
     template = build(load_spec(TEMPLATES / name), store, criu).template
     inst = Restorer(store, criu, tmp_path / "run").spawn(name, Identity(f"smoke-{name}"))
     try:
@@ -60,7 +53,7 @@ def test_heavy_template_build_restore_answer(heavy_deps, store, criu, tmp_path, 
     assert template.manifest["boot_to_ready_s"] >= 1.0, "a heavy template should take >= 1 s to boot"
 
 
-def test_heavy_bench_runs(heavy_deps, tmp_path):
+def test_heavy_bench_runs(tmp_path):
     from test_bench_runs import report, run_quick
 
     out = tmp_path / "heavy.json"
