@@ -328,6 +328,11 @@ class NodeRuntime:
         restoring = sum(p.restoring for p in self.pools.values())
         return self.cfg.capacity - len(self.copies) - restoring - self._orphans
 
+    def free(self) -> int:
+        """What a scheduler may still place here: capacity minus the copies handed out (a warm copy
+        is there to serve a spawn; one that must make room waits in its pool, then NoCapacity)."""
+        return max(0, self.cfg.capacity - self.live_count())
+
     def _notice_builds(self) -> None:
         """A build published (or removed) since the last tick: one readlink per pool."""
         for name, pool in self.pools.items():
@@ -560,6 +565,7 @@ class NodeRuntime:
         if self.winding_down:
             raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
         pool = self._pool(template)
+        pool.check_min_warm(min_warm)
         warm_elsewhere = sum(p.settings.min_warm for n, p in self.pools.items() if n != template)
         if min_warm + warm_elsewhere > self.cfg.capacity:
             raise BadRequest(f"template {template!r}: min_warm {min_warm} would keep "
@@ -580,7 +586,7 @@ class NodeRuntime:
                      if not t.manifest.get("lazy_pages")}
         return {"node": self.name, "facts": node_facts(self.restorer.criu).to_wire(),
                 "templates": templates, "capacity": self.cfg.capacity,
-                "free": max(0, self.room()),
+                "free": self.free(),
                 "live": self.live_count(), "draining": self.draining}
 
 

@@ -364,10 +364,7 @@ class WarmPool(Generic[T]):
     def set_min_warm(self, n: int) -> None:
         """New target (0..max_live); clears a quarantine. Warm copies beyond n are discarded and
         restores beyond it cancelled."""
-        if not 0 <= n <= self.settings.max_live:
-            raise BadRequest(f"template {self.name!r}: min_warm must be 0..max_live "
-                             f"({self.settings.max_live}), got {n}", param="min_warm",
-                             min_warm=n, max_live=self.settings.max_live)
+        self.check_min_warm(n)
         self.settings = replace(self.settings, min_warm=n)
         self._clear_failures()
         while len(self._warm) > n:
@@ -375,6 +372,12 @@ class WarmPool(Generic[T]):
         self._cancel_surplus()
         self._on_change()
         self._request_refill()
+
+    def check_min_warm(self, n: int) -> None:
+        if not 0 <= n <= self.settings.max_live:
+            raise BadRequest(f"template {self.name!r}: min_warm must be 0..max_live "
+                             f"({self.settings.max_live}), got {n}", param="min_warm",
+                             min_warm=n, max_live=self.settings.max_live)
 
     def _clear_failures(self) -> None:
         self.quarantined = False
