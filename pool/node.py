@@ -344,7 +344,7 @@ class NodeRuntime:
             if build == pool.build:
                 continue
             if build is None:
-                log.warning("template %s: its build was removed from the store", name)
+                log.info("template %s: its build was removed from the store", name)
                 pool.build_removed()
             else:
                 log.info("template %s: build %s published; using it", name, build)
