@@ -107,9 +107,11 @@ class NodeRuntime:
     def begin_drain(self) -> None:
         """Shutdown began: no refills but for spawns already in flight (which still get served;
         drain() refuses new ones)."""
+        if self.winding_down:
+            return
         self.winding_down = True
-        for p in self.pools.values():
-            p.begin_drain()
+        cancelled = sum(p.begin_drain() for p in self.pools.values())
+        log.info("shutdown: refills stopped, %d restore(s) cancelled", cancelled)
 
     async def drain(self, force: asyncio.Event, deadline: float | None = None) -> None:
         """Finish in-flight spawns (until deadline, a loop time; default drain_timeout from now),
@@ -378,6 +380,8 @@ class NodeRuntime:
             return await asyncio.shield(asyncio.wrap_future(job))
         except asyncio.CancelledError:
             if not job.cancel():  # already running: its copy is nobody's; end it once made
+                log.info("template %s: a cancelled restore was already running; its copy will "
+                         "be discarded", name)
                 self._orphans += 1
                 job.add_done_callback(self._discard_orphan)
             raise

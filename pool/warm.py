@@ -414,11 +414,13 @@ class WarmPool(Generic[T]):
                 fut.set_exception(err)
         self._waiters.clear()
 
-    def begin_drain(self) -> None:
-        """Shutdown began: keep restoring only for spawns already waiting."""
+    def begin_drain(self) -> int:
+        """Shutdown began: keep restoring only for spawns already waiting. Returns how many
+        restores were cancelled."""
         self._draining = True
-        self._cancel_surplus()
+        cancelled = self._cancel_surplus()
         self._on_change()
+        return cancelled
 
     def _discard_one(self, copy: T) -> None:
         self._dying[id(copy)] = copy

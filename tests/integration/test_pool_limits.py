@@ -5,6 +5,7 @@ tells the truth; the leak fixture checks that nothing is left behind."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -69,6 +70,21 @@ def test_capacity_is_enforced_across_the_node(service):
     assert_serves(svc)
 
 
+def test_set_warm_down_cancels_the_restores_still_queued(service):
+    svc = service("[service]\nrestore_concurrency = 1\n"
+                  "[templates.py-hello]\nmin_warm = 0\nmax_live = 32\n")
+    with svc.client() as c:
+        c.set_warm("py-hello", 32)
+        wait_until(lambda: c.stats()["templates"]["py-hello"]["restoring"] > 1, timeout=10,
+                   what="restores queued (one runs, the others wait their turn)")
+        done_before = c.set_warm("py-hello", 0)["restores"]
+        t = svc.wait_warm("py-hello", 0, timeout=30)   # nothing restoring, nothing dying
+        assert t["restores"] <= done_before + 1         # only the one running may still finish
+        assert t["restore_failures"] == 0 and not t["quarantined"]
+        wait_until(lambda: not service_copies(svc.pid), timeout=10, what="no copies left")
+    assert_serves(svc)
+
+
 def test_sigterm_with_restores_queued_ends_within_the_drain_deadline(service):
     drain_timeout, kill_grace = 2.0, 1.0
     svc = service("[service]\nrestore_concurrency = 1\n"
@@ -92,9 +108,11 @@ def test_sigterm_with_restores_queued_ends_within_the_drain_deadline(service):
     assert svc.proc.wait(1) == 0, "the drain did not end within drain_timeout + kill_grace + slack"
     # the one restore running at the signal may finish; no queued one starts
     assert most <= len(at_signal) + 1
+    log = svc.log.read_text()
+    cancelled = int(re.search(r"refills stopped, (\d+) restore\(s\) cancelled", log).group(1))
+    assert cancelled >= 1 and log.count("a cancelled restore was already running") <= 1
     assert not psutil.pid_exists(inst.pid) or psutil.Process(inst.pid).status() == psutil.STATUS_ZOMBIE
     assert not list((svc.workdir / "run" / "instances").iterdir())
-    log = svc.log.read_text()
     assert "draining" in log and "stopped" in log
 
 
