@@ -122,15 +122,12 @@ class WarmPool(Generic[T]):
     def waiting(self) -> int:
         return sum(1 for f in self._waiters if not f.done())
 
-    def _total(self) -> int:
-        return len(self._warm) + len(self._live) + len(self._dying) + self._restoring
-
     def total(self) -> int:
-        return self._total()
+        return len(self._warm) + len(self._live) + len(self._dying) + self._restoring
 
     def room(self) -> int:
         """Copies this pool may still add: within max_live and within what the node has left."""
-        own = self.settings.max_live - self._total()
+        own = self.settings.max_live - self.total()
         return own if self._node_room is None else min(own, self._node_room())
 
     def snapshot(self) -> dict[str, Any]:
@@ -181,7 +178,7 @@ class WarmPool(Generic[T]):
                               last_error=self.last_error)
 
     def _timeout_error(self, timeout: float) -> PoolError:
-        if self.settings.max_live - self._total() <= 0:
+        if self.settings.max_live - self.total() <= 0:
             return NoCapacity(f"template {self.name!r}: all {self.settings.max_live} copies are in "
                               f"use; none freed up within {timeout:g} s", template=self.name,
                               max_live=self.settings.max_live, timeout=timeout)

@@ -461,3 +461,15 @@ def test_a_build_that_vanished_makes_the_pool_unbuilt_and_waiters_learn_it():
         copy, path = await p.acquire(5)
         assert path == "restore"
     run(go())
+
+
+def test_current_build_is_one_readlink_of_the_stores_current_link(tmp_path):
+    from pool.builds import current_build
+
+    assert current_build(tmp_path, "t") is None                 # never built
+    (tmp_path / "t" / "builds" / "20261130-abc").mkdir(parents=True)
+    assert current_build(tmp_path, "t") is None                 # staged, not published
+    (tmp_path / "t" / "current").symlink_to("builds/20261130-abc")
+    assert current_build(tmp_path, "t") == "20261130-abc"
+    (tmp_path / "u").write_text("not a template")
+    assert current_build(tmp_path, "u") is None
