@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .builds import current_build
-from .errors import (BadRequest, InstanceNotFound, NodeUnavailable, PoolError, RestoreError,
-                     TemplateNotFound)
+from .errors import InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound
 from .faults import handover_counts_against_template
 from .service_config import ServiceConfig
 from .warm import EXITED, FAILED, KILLED, WarmPool
@@ -195,9 +194,9 @@ class NodeRuntime:
 
     def _tick(self) -> None:
         now = self._loop.time()
-        self._notice_builds()
         for pool in self.pools.values():
             pool.tick()
+        self._notice_builds()
         for c in list(self.copies.values()):
             if c.handed_at is None or c.ending:
                 continue
@@ -566,6 +565,8 @@ class NodeRuntime:
                 "templates": {n: p.snapshot() for n, p in sorted(self.pools.items())}}
 
     async def rpc_set_warm(self, template: str, min_warm: int) -> dict:
+        from .errors import BadRequest  # noqa: PLC0415
+
         if self.winding_down:
             raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
         pool = self._pool(template)

@@ -54,21 +54,14 @@ def built(session_store, criu):
 
 
 @pytest.fixture
-def restorer(session_store, criu, tmp_path):
-    from pool.restore import Restorer
-
-    return Restorer(session_store, criu, tmp_path / "run")
-
-
-@pytest.fixture
 def py_hello(built):
     return built("py-hello")
 
 
 @pytest.fixture
 def service(session_store, py_hello, tmp_path):
-    """start(config) -> a `pool serve` (pool.demo.LocalService) on the session store; every started
-    service is stopped."""
+    """start(config) -> LocalService (a real `pool serve`) on the session store; every started service
+    is stopped."""
     from pool.demo import LocalService
 
     started = []
@@ -81,3 +74,10 @@ def service(session_store, py_hello, tmp_path):
     yield start
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture
+def restorer(session_store, criu, tmp_path):
+    from pool.restore import Restorer
+
+    return Restorer(session_store, criu, tmp_path / "run")

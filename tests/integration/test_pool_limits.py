@@ -15,11 +15,16 @@ import pytest
 
 from pool.demo import PROBES, LocalService, ask
 from pool.errors import BadRequest, NoCapacity, TemplateNotFound
-from servicetools import POOL, cli, service_copies, wait_until
+from servicelab import POOL, cli, wait_until
 
 pytestmark = pytest.mark.integration
 TEMPLATES = POOL.rsplit("/.venv/", 1)[0] + "/templates"
 SLACK_S = 10.0  # stop(), the interpreter's exit, a slow shared machine
+
+
+def service_copies(pid):
+    """The copies (tini processes) of the service with this pid."""
+    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
 
 
 def assert_serves(svc):
@@ -114,6 +119,7 @@ def test_sigterm_with_restores_queued_ends_within_the_drain_deadline(service):
     assert not psutil.pid_exists(inst.pid) or psutil.Process(inst.pid).status() == psutil.STATUS_ZOMBIE
     assert not list((svc.workdir / "run" / "instances").iterdir())
     assert "draining" in log and "stopped" in log
+    assert_serves(service("[templates.py-hello]\nmin_warm = 1\n"))   # a new service starts clean
 
 
 def test_a_template_built_while_the_service_runs_is_used_without_a_manual_step(store, tmp_path):

@@ -1,12 +1,9 @@
-"""Helpers for tests that run a real `pool serve` (the `service` fixture is in
-tests/integration/conftest.py): polling with a deadline, the CLI, the service's copies."""
+"""Helpers for tests against a real `pool serve` (the `service` fixture is in tests/integration/conftest.py)."""
 from __future__ import annotations
 
 import subprocess
 import time
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = str(ROOT / ".venv" / "bin" / "pool")
@@ -21,12 +18,8 @@ def wait_until(cond, timeout=30.0, what="condition"):
 
 
 def cli(svc, *args, check=True):
+    """`pool ARGS` against svc; raises unless it succeeded (with check)."""
     r = subprocess.run([POOL, *args], env=svc.env, capture_output=True, text=True, timeout=60)
     if check and r.returncode != 0:
         raise AssertionError(f"pool {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def service_copies(pid):
-    """The copies (tini processes) of the service with this pid."""
-    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
