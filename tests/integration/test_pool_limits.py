@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from pool.demo import PROBES, LocalService, ask
-from pool.errors import BadRequest, NoCapacity, TemplateNotFound
+from pool.errors import BadRequest, NoCapacity, PoolError, TemplateNotFound
 from servicelab import POOL, cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -72,6 +72,36 @@ def test_capacity_is_enforced_across_the_node(service):
         svc.wait_warm("py-hello", 1)
         assert len(service_copies(svc.pid)) == 2
         held[1].kill(grace=0)
+    assert_serves(svc)
+
+
+def test_restores_failing_for_want_of_fds_never_quarantine_the_template(service):
+    svc = service("[service]\nquarantine_after = 2\nrestore_concurrency = 1\n"
+                  "[templates.py-hello]\nmin_warm = 0\n")
+    proc = psutil.Process(svc.pid)
+    limits = proc.rlimit(psutil.RLIMIT_NOFILE)
+    with svc.client() as c:
+        def pool_stats():  # stats itself may meet EMFILE while a restore holds the last fds
+            try:
+                return c.stats()["templates"]["py-hello"]
+            except PoolError as e:
+                assert "Too many open files" in e.message
+                return None
+
+        c.ping()                                      # connected while fds are still there
+        # a few fds to answer stats with, too few for a restore (logs, pipes, CRIU)
+        proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 3, limits[1]))
+        try:
+            c.set_warm("py-hello", 2)
+            wait_until(lambda: (pool_stats() or {}).get("restore_failures", 0) >= 3, timeout=30,
+                       what="restores failing with EMFILE")
+        finally:
+            proc.rlimit(psutil.RLIMIT_NOFILE, limits)
+        t = c.stats()["templates"]["py-hello"]
+        assert "Too many open files" in t["last_error"]
+        assert not t["quarantined"] and t["failures_in_a_row"] == 0
+        t = svc.wait_warm("py-hello", 2)               # fds are back: it recovers by itself
+        assert not t["quarantined"] and t["failures_in_a_row"] == 0
     assert_serves(svc)
 
 
