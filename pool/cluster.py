@@ -53,8 +53,7 @@ class LocalNode:
                 if not t.manifest.get("lazy_pages")}
 
     def free(self) -> int:
-        rt = self.ops.runtime
-        return max(0, rt.cfg.capacity - len(rt.copies))
+        return self.ops.runtime.free()
 
     def facts(self) -> NodeFacts:
         from .compat import node_facts  # noqa: PLC0415

@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .builds import current_build
 from .errors import InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound
+from .faults import handover_counts_against_template
 from .service_config import ServiceConfig
 from .warm import EXITED, FAILED, KILLED, WarmPool
 
@@ -35,6 +37,7 @@ log = logging.getLogger("pool.node")
 
 TICK_S = 0.25
 MAX_LOG_CHUNK = 1 << 20
+DRAIN_SLACK_S = 2.0  # after kill_grace: for SIGKILLed copies to be reaped
 
 
 # --- one copy, as the node sees it --------------------------------------------------------------------
@@ -67,7 +70,8 @@ class NodeRuntime:
         self.copies: dict[str, Copy] = {}                  # restored and not yet reaped
         self.history: collections.OrderedDict[str, Copy] = collections.OrderedDict()
         self.restorer = None
-        self.draining = False
+        self.draining = False                 # new spawns are refused
+        self.winding_down = False             # refills stopped (shutdown began)
         self.inflight = 0
         self._idle = asyncio.Event()
         self._events: asyncio.Queue | None = None
@@ -76,6 +80,7 @@ class NodeRuntime:
         self._executor: ThreadPoolExecutor | None = None
         self._handovers = 0                      # spawns between acquire and reply
         self._deferred_refills: set[str] = set()
+        self._orphans = 0                        # cancelled restores still running in a thread
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life ---------------------------------------------------------------------------------------
@@ -98,20 +103,34 @@ class NodeRuntime:
         """fn(*args) in the restore executor (CRIU work that must not block the loop)."""
         return self._loop.run_in_executor(self._executor, fn, *args)
 
-    async def drain(self, force: asyncio.Event) -> None:
-        """Finish in-flight spawns (up to drain_timeout), stop refills, end or leave copies."""
+    def begin_drain(self) -> None:
+        """Shutdown began: no refills but for spawns already in flight (which still get served;
+        drain() refuses new ones)."""
+        if self.winding_down:
+            return
+        self.winding_down = True
+        cancelled = sum(p.begin_drain() for p in self.pools.values())
+        log.info("shutdown: refills stopped, %d restore(s) cancelled", cancelled)
+
+    async def drain(self, force: asyncio.Event, deadline: float | None = None) -> None:
+        """Finish in-flight spawns (until deadline, a loop time; default drain_timeout from now),
+        cancel restores, end or leave copies: within drain_timeout + kill_grace + a few seconds,
+        whatever is queued."""
         cfg = self.cfg
+        if deadline is None:
+            deadline = self._loop.time() + cfg.drain_timeout
         self.draining = True
+        self.begin_drain()
         log.info("draining: %d spawn(s) in flight, %d copies", self.inflight, len(self.copies))
         if self.inflight:
             self._idle.clear()
-            await until(self._idle.wait(), cfg.drain_timeout, force)
-        await until(asyncio.gather(*(p.close(timeout=60) for p in self.pools.values())), 60, force)
+            await until(self._idle.wait(), max(0.0, deadline - self._loop.time()), force)
+        await asyncio.gather(*(p.close() for p in self.pools.values()))
         self.end_live(force=force.is_set())
-        await until(self._all_reaped(), cfg.kill_grace + 10, force)
-        if force.is_set():
+        await until(self._all_reaped(), cfg.kill_grace + DRAIN_SLACK_S, force)
+        if any(not c.left for c in self.copies.values()):  # forced, or a copy outlived its grace
             self.end_live(force=True)
-            await until(self._all_reaped(), 10, None)
+            await until(self._all_reaped(), DRAIN_SLACK_S, None)
 
     def end_live(self, force: bool) -> None:
         for c in list(self.copies.values()):
@@ -143,7 +162,7 @@ class NodeRuntime:
             c.inst.close()
         self.history.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
     # -- the supervisor ---------------------------------------------------------------------------
@@ -177,6 +196,7 @@ class NodeRuntime:
         now = self._loop.time()
         for pool in self.pools.values():
             pool.tick()
+        self._notice_builds()
         for c in list(self.copies.values()):
             if c.handed_at is None or c.ending:
                 continue
@@ -267,6 +287,8 @@ class NodeRuntime:
 
     # -- pools ------------------------------------------------------------------------------------
     def _pool(self, name: str, must_exist: bool = True) -> WarmPool:
+        """name's pool, made on first use; a configured template not built yet gets an unbuilt pool
+        (must_exist False) that comes to life when its build is published (_notice_builds)."""
         pool = self.pools.get(name)
         if pool is not None:
             return pool
@@ -278,18 +300,22 @@ class NodeRuntime:
         except TemplateNotFound:
             if must_exist:
                 raise
-            log.warning("template %s is configured but not in the store %s: its restores will "
-                        "fail until it is built", name, self.cfg.store)
+            log.info("template %s is configured but not built yet: its pool starts when a build "
+                     "is published", name)
         except PoolError as e:
             if must_exist:
                 raise
             log.warning("template %s: %s", name, e.message)
+        build = current_build(self.cfg.store, name)
         settings = self.cfg.templates.get(name, self.cfg.defaults)
         pool = WarmPool(name, settings, lambda: self._restore_copy(name), self._discard,
                         request_refill=lambda: self._events.put_nowait(("refill", name)),
                         quarantine_after=self.cfg.quarantine_after,
-                        early_death_s=self.cfg.early_death_s)
+                        early_death_s=self.cfg.early_death_s, node_room=self.room,
+                        build_of=lambda inst: inst.build_id, build=build, unbuilt=build is None)
         self.pools[name] = pool
+        if self.winding_down:
+            pool.begin_drain()
         self.metrics.watch_pool(name, lambda: pool.warm, lambda: pool.live,
                                 lambda: 1.0 if pool.quarantined else 0.0)
         if image_bytes is not None:
@@ -297,15 +323,81 @@ class NodeRuntime:
         self._events.put_nowait(("refill", name))
         return pool
 
+    def room(self) -> int:
+        """Copies the node may still add: its capacity minus every copy it has or is restoring
+        (a restored copy counts twice for a moment, between adopt and its pool taking it)."""
+        restoring = sum(p.restoring for p in self.pools.values())
+        return self.cfg.capacity - len(self.copies) - restoring - self._orphans
+
+    def free(self) -> int:
+        """What a scheduler may still place here: capacity minus the copies handed out (a warm copy
+        is there to serve a spawn; one that must make room waits in its pool, then NoCapacity)."""
+        return max(0, self.cfg.capacity - self.live_count())
+
+    def _notice_builds(self) -> None:
+        """A build published (or removed) since the last tick: one readlink per pool."""
+        for name, pool in self.pools.items():
+            try:
+                build = current_build(self.cfg.store, name)
+            except OSError as e:  # the store is unreadable right now: keep what we have
+                log.warning("template %s: reading its current build: %s", name, e.strerror)
+                continue
+            if build == pool.build:
+                continue
+            if build is None:
+                log.info("template %s: its build was removed from the store", name)
+                pool.build_removed()
+            else:
+                log.info("template %s: build %s published; using it", name, build)
+                pool.new_build(build)
+                with contextlib.suppress(PoolError, OSError):  # only a metric
+                    self.metrics.image_bytes.labels(name).set(
+                        self.restorer.store.get(name).image_bytes)
+
     async def _restore_copy(self, name: str):
+        """One warm copy of name for its pool. Safe to cancel at any point (the pool cancels
+        restores it no longer wants): a restore still queued never runs; a running one's copy is
+        discarded when it is done."""
         t0 = time.perf_counter()
         pool = self.pools[name]
-        inst = await self.run_blocking(self.restorer.restore, name)
+        inst = await self._restore_in_thread(name)
         self.metrics.restored(name, time.perf_counter() - t0)
-        await self.adopt(inst, pool)
+        try:
+            await self.adopt(inst, pool)
+        except asyncio.CancelledError:
+            c = self.copies.get(inst.id)
+            if c is not None:
+                self._kill(c, 0, KILLED)
+            raise
         if not pool.waiting:  # it will wait warm: spend that time on its first faults, not a spawn's
             self._background(self._prefault(inst.pid))
         return inst
+
+    async def _restore_in_thread(self, name: str):
+        job = self._executor.submit(self.restorer.restore, name)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            if not job.cancel():  # already running: its copy is nobody's; end it once made
+                log.info("template %s: a cancelled restore was already running; its copy will "
+                         "be discarded", name)
+                self._orphans += 1
+                job.add_done_callback(self._discard_orphan)
+            raise
+
+    def _discard_orphan(self, job) -> None:
+        """Runs in the restore thread (or at once if the job was already done)."""
+        try:
+            if job.exception() is None:
+                inst = job.result()
+                inst.kill(grace=0)
+                inst.close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to count
+                self._loop.call_soon_threadsafe(self._orphan_done)
+
+    def _orphan_done(self) -> None:
+        self._orphans -= 1
 
     async def _prefault(self, pid: int) -> None:
         await self.run_blocking(prefault_code, pid)
@@ -399,7 +491,8 @@ class NodeRuntime:
                                       min(inst.identity_timeout, left))
             except BaseException as e:
                 cancelled = isinstance(e, asyncio.CancelledError)
-                self._kill(c, 0, KILLED if cancelled else FAILED)
+                # only the template's own failures count toward its quarantine (pool.faults)
+                self._kill(c, 0, FAILED if handover_counts_against_template(e) else KILLED)
                 if not cancelled:
                     self.metrics.spawn_failed(template, getattr(e, "code", "internal"))
                 if isinstance(e, RestoreError):
@@ -472,7 +565,19 @@ class NodeRuntime:
                 "templates": {n: p.snapshot() for n, p in sorted(self.pools.items())}}
 
     async def rpc_set_warm(self, template: str, min_warm: int) -> dict:
+        from .errors import BadRequest  # noqa: PLC0415
+
+        if self.winding_down:
+            raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
         pool = self._pool(template)
+        pool.check_min_warm(min_warm)
+        warm_elsewhere = sum(p.settings.min_warm for n, p in self.pools.items() if n != template)
+        if min_warm + warm_elsewhere > self.cfg.capacity:
+            raise BadRequest(f"template {template!r}: min_warm {min_warm} would keep "
+                             f"{min_warm + warm_elsewhere} copies warm on node {self.name}, more "
+                             f"than its capacity ({self.cfg.capacity})", param="min_warm",
+                             min_warm=min_warm, capacity=self.cfg.capacity,
+                             warm_elsewhere=warm_elsewhere)
         pool.set_min_warm(min_warm)
         log.info("template %s: min_warm = %d", template, min_warm)
         return pool.snapshot()
@@ -486,7 +591,7 @@ class NodeRuntime:
                      if not t.manifest.get("lazy_pages")}
         return {"node": self.name, "facts": node_facts(self.restorer.criu).to_wire(),
                 "templates": templates, "capacity": self.cfg.capacity,
-                "free": max(0, self.cfg.capacity - len(self.copies)),
+                "free": self.free(),
                 "live": self.live_count(), "draining": self.draining}
 
 

@@ -124,11 +124,16 @@ class Service:
         self._draining = True
         for rpc in self._rpcs:
             rpc.stop_accepting()
+        # One deadline for the whole drain, and the local node stops refilling now, not after the
+        # spawns in flight are done: nothing is restored for copies that would only be killed.
+        deadline = self._loop.time() + self.cfg.drain_timeout
+        if self.runtime is not None:
+            self.runtime.begin_drain()
         if self._inflight:  # spawns routed to any node; the local node then drains its own
             self._idle.clear()
             await until(self._idle.wait(), self.cfg.drain_timeout, self._force)
         if self.runtime is not None:
-            await self.runtime.drain(self._force)
+            await self.runtime.drain(self._force, deadline)
 
     # -- phase 4: stop ----------------------------------------------------------------------------
     async def stop(self) -> None:

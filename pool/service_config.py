@@ -8,7 +8,7 @@
     drain_timeout = 10.0           # seconds in-flight spawns get on SIGTERM
     on_shutdown = "kill"           # or "leave": live instances outlive the service
     max_live = 32                  # default cap per template
-    capacity = 64                  # copies this node takes in all (what it reports to a coordinator)
+    capacity = 64                  # copies this node holds in all templates together (enforced)
     local_node = true              # false: a pure coordinator; spawns go to [nodes.*] only
     source = "10.0.0.1:0"          # where the coordinator serves templates to agents (HOST:PORT)
     heartbeat_s = 1.0              # nodes are pinged this often; down after 3 missed
@@ -164,6 +164,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     if kw.get("tcp") and not kw.get("token_file"):
         raise SpecError(str(where), "service.token_file",
                         "a TCP listener needs authentication: give a token file (--token-file)")
+    # pools: every template's warm copies together must fit the node's (enforced) capacity
+    warm = sum(ws.min_warm for ws in kw["templates"].values())
+    if warm > kw["capacity"]:
+        raise SpecError(str(where), "service.capacity",
+                        f"the templates' min_warm add up to {warm}, more than capacity "
+                        f"({kw['capacity']}): the node would never hold them all")
     return ServiceConfig(**kw)
 
 

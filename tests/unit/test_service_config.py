@@ -86,3 +86,12 @@ def test_token_file_must_be_private_and_long(tmp_path):
     tok.write_text("short")
     with pytest.raises(SpecError, match="at least 16"):
         read_token(tok)
+
+
+def test_warm_copies_of_all_templates_must_fit_the_capacity(tmp_path):
+    p = write(tmp_path, "[service]\ncapacity = 4\n[templates.a]\nmin_warm = 3\n"
+                        "[templates.b]\nmin_warm = 2\n")
+    with pytest.raises(SpecError) as e:
+        load_config(p)
+    assert e.value.field == "service.capacity" and "add up to 5" in e.value.problem
+    assert load_config(p, capacity=5).capacity == 5
