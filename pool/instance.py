@@ -18,6 +18,8 @@ from typing import Any
 
 import psutil
 
+from . import criu
+
 STREAMS = ("stdout", "stderr")
 
 
@@ -55,6 +57,8 @@ class Instance:
     hostname: str | None = None
     identity_timeout: float = 10.0     # the template's restore.identity_timeout
     hostname_pattern: str | None = None  # the template's restore.hostname ("{id}": instance id)
+    # bytes of each stream rotated out of its log so far: `pool logs` offsets count from the start
+    rotated: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
 
     # -- life -------------------------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -71,6 +75,7 @@ class Instance:
         if pid == 0:
             return None
         self.exit_status = os.waitstatus_to_exitcode(status)
+        criu.release(self.pid)
         if self.state != "failed":
             self.state = "exited"
         return self.exit_status
@@ -129,6 +134,43 @@ class Instance:
                 return f.read(limit)
         except FileNotFoundError:
             return b""
+
+    def read_log_from(self, stream: str, offset: int, limit: int) -> tuple[bytes, int, int]:
+        """Read from offset, counted from the copy's first byte of output across log rotations.
+
+        Returns the data, the offset after it and how many bytes from offset on were rotated away
+        before they were read (the data then starts at the oldest byte still kept)."""
+        base = self.rotated[stream]
+        old = self.log_path(stream).with_suffix(".log.1")
+        try:
+            old_size = old.stat().st_size if base else 0
+        except FileNotFoundError:
+            old_size = 0
+        lost = max(0, base - old_size - offset)
+        offset += lost
+        if offset < base:  # still in the previous log
+            with open(old, "rb") as f:
+                f.seek(offset - (base - old_size))
+                data = f.read(min(limit, base - offset))
+        else:
+            data = self.read_log(stream, offset - base, limit)
+        return data, offset + len(data), lost
+
+    def rotate_logs(self, max_bytes: int) -> None:
+        """Copy a log over max_bytes to NAME.log.1 and truncate it: the copy writes its log fd
+        directly (O_APPEND), so it goes on writing at the start of the emptied file. Output
+        written between the copy and the truncation is lost."""
+        for stream in STREAMS:
+            path = self.log_path(stream)
+            try:
+                if path.stat().st_size <= max_bytes:
+                    continue
+                old = path.with_suffix(".log.1")
+                shutil.copyfile(path, old)
+                os.truncate(path, 0)
+                self.rotated[stream] += old.stat().st_size
+            except OSError:
+                continue  # the copy's dir is going away
 
     def output_tail(self, lines: int = 20) -> str:
         out = []

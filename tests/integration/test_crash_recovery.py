@@ -1,0 +1,241 @@
+"""Crashes around a real `pool serve`: the service SIGKILLed with live copies or mid-restore, CRIU
+SIGKILLed or hung mid-restore, a warm copy SIGKILLed, a copy that writes a lot. After each the
+template still spawns, `pool ls` is true and nothing is left behind.
+
+This test process makes itself a child subreaper: what a SIGKILLed service leaves (its copies,
+its CRIU) is reparented to it, as it would be to systemd, and it reaps them (`reap_children`)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pool.criu import become_subreaper
+from pool.demo import PROBES, LocalService, ask
+from pool.client import Instance
+from pool.errors import PoolError
+from servicekit import copies_of, wait_until
+
+pytestmark = pytest.mark.integration
+CONFIG = "[templates.py-hello]\nmin_warm = {warm}\n[service]\nexited_history = 0\n{extra}"
+
+
+@pytest.fixture
+def subreaper():
+    become_subreaper()
+
+
+def config(warm: int = 1, extra: str = "") -> str:
+    return CONFIG.format(warm=warm, extra=extra)
+
+
+def reap_children(keep=()) -> None:
+    """Kill and reap this process's children but keep (a service still running)."""
+    keep = set(keep)
+    for p in psutil.Process().children():
+        if p.pid in keep:
+            continue
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(p.pid, 0)
+
+
+def instance_dirs(svc) -> list[Path]:
+    d = svc.workdir / "run" / "instances"
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+
+def criu_of(svc):
+    """The `criu swrk` the service runs, once it has started restoring (it has children)."""
+    for p in psutil.Process(svc.pid).children():
+        if p.name() == "criu" and p.children():
+            return p
+    return None
+
+
+def spawn_in_background(svc, results: list) -> threading.Thread:
+    def run():
+        try:
+            with svc.client() as c:
+                results.append(c.spawn("py-hello", timeout=60))
+        except PoolError as e:
+            results.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def assert_spawns_and_tidy(svc, warm: int = 1) -> None:
+    """The template spawns; `pool ls` is true; the run dir holds only the service's own copies."""
+    with svc.client() as c:
+        inst = c.spawn("py-hello", timeout=60)
+        assert ask(inst.address, PROBES["py-hello"])["instance"] == inst.id
+        assert [r["id"] for r in c.list()] == [inst.id]
+        inst.kill(grace=0)
+        assert c.list() == []
+    svc.wait_warm("py-hello", warm)
+    wait_until(lambda: len(instance_dirs(svc)) == len(copies_of(svc.pid)) == warm,
+               what="one run dir per warm copy, nothing else")
+    zombies = [p for p in psutil.Process(svc.pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert not zombies
+
+
+def test_service_sigkilled_with_3_live_copies_adopts_them_on_restart(service, subreaper):
+    svc = service(config())
+    svc.wait_warm("py-hello", 1)
+    with svc.client() as c:
+        insts = [c.spawn("py-hello", env={"N": str(i)}) for i in range(3)]
+    svc.wait_warm("py-hello", 1)
+    old_warm = copies_of(svc.pid) - {i.pid for i in insts}
+    assert len(old_warm) == 1
+    svc.proc.kill()
+    svc.proc.wait()
+
+    again = service(config())
+    try:
+        with again.client() as c:
+            rows = {r["id"]: r for r in c.list()}
+            assert set(rows) == {i.id for i in insts}
+            for n, i in enumerate(insts):
+                assert rows[i.id]["pid"] == i.pid and rows[i.id]["env"] == {"N": str(n)}
+                assert rows[i.id]["address"] == i.address  # its host port was free again
+                assert ask(rows[i.id]["address"], PROBES["py-hello"])["instance"] == i.id
+            assert c.stats()["templates"]["py-hello"]["live"] == 3
+            # the old warm copy could never be handed out (its control channel died): killed
+            wait_until(lambda: all(psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                                   for p in old_warm if psutil.pid_exists(p)), what="warm copy killed")
+            for i in insts:
+                c.kill(i.id, grace=0)
+            assert c.list() == []
+        assert "3 live copies adopted again" in again.log.read_text()
+        assert_spawns_and_tidy(again)
+    finally:
+        reap_children(keep={again.pid})
+
+
+def test_service_sigkilled_mid_restore_leaves_nothing_after_restart(service, subreaper):
+    svc = service(config(warm=0))
+    results: list = []
+    spawner = spawn_in_background(svc, results)  # a miss: restored on demand
+    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
+    criu = criu_of(svc)
+    criu.suspend()  # the restore is in flight and stays so: the service dies in its middle
+    half_restored = criu.children(recursive=True)
+    svc.proc.kill()
+    svc.proc.wait()
+    spawner.join(60)
+    assert isinstance(results[0], PoolError)
+
+    again = service(config(warm=0))
+    try:
+        gone = [criu, *half_restored]
+        wait_until(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+                               for p in gone), what="the in-flight restore killed")
+        assert "restores killed" in again.log.read_text()
+        with again.client() as c:
+            assert c.list() == []
+        assert_spawns_and_tidy(again, warm=0)
+    finally:
+        reap_children(keep={again.pid})
+
+
+def test_criu_sigkilled_mid_restore_leaves_no_tree_and_no_zombie(service):
+    svc = service(config(warm=0))
+    results: list = []
+    spawner = spawn_in_background(svc, results)
+    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
+    criu = criu_of(svc)
+    criu.suspend()  # so that the tree it restores is half-done when it dies
+    half_restored = criu.children(recursive=True)
+    assert half_restored
+    criu.kill()
+    spawner.join(90)
+    # the waiting spawn is served by the next restore, or fails with a typed error
+    assert isinstance(results[0], (PoolError, Instance))
+    wait_until(lambda: not any(p.is_running() for p in half_restored),
+               what="the half-restored tree killed and reaped")
+    with svc.client() as c:
+        t = c.stats()["templates"]["py-hello"]
+        assert t["restore_failures"] >= 1 and "CRIU" in t["last_error"] and not t["quarantined"]
+        if not isinstance(results[0], PoolError):
+            c.kill(results[0].id, grace=0)
+    assert_spawns_and_tidy(svc, warm=0)
+
+
+def test_hung_criu_is_killed_at_the_restore_deadline(service):
+    svc = service(config(warm=0, extra="restore_timeout = 3\n"))
+    results: list = []
+    spawner = spawn_in_background(svc, results)
+    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
+    criu = criu_of(svc)
+    criu.suspend()  # hangs
+    tree = [criu, *criu.children(recursive=True)]
+    # functional deadline: restore_timeout (3 s) plus the time to kill and reap
+    wait_until(lambda: not any(p.is_running() for p in tree), timeout=20,
+               what="the hung CRIU and its tree killed at the deadline")
+    spawner.join(90)
+    with svc.client() as c:
+        t = c.stats()["templates"]["py-hello"]
+        assert "no answer within 3s" in t["last_error"] and not t["quarantined"]
+        if not isinstance(results[0], PoolError):
+            c.kill(results[0].id, grace=0)
+    assert_spawns_and_tidy(svc, warm=0)
+
+
+def test_sigkill_of_a_warm_copy_is_one_bad_outcome_and_it_is_replaced(service):
+    svc = service(config(warm=2))
+    svc.wait_warm("py-hello", 2)
+    victim = next(iter(copies_of(svc.pid)))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in copies_of(svc.pid) and len(copies_of(svc.pid)) == 2,
+               what="the warm copy reaped and replaced")
+    t = svc.wait_warm("py-hello", 2)
+    assert t["failures_in_a_row"] <= 1 and not t["quarantined"]
+    assert "died" in t["last_error"] or "while warm" in t["last_error"]
+    assert_spawns_and_tidy(svc, warm=2)
+
+
+CHATTY = """\
+import os, signal, time
+import pool.runtime
+pool.runtime.checkpoint()
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, b"x" * 65535 + b"\\n"))
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
+    from pool.build import build
+    from pool.spec import load_spec
+
+    folder = tmp_path / "chatty"
+    folder.mkdir()
+    (folder / "app.py").write_text(CHATTY)
+    (folder / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
+    build(load_spec(folder), store, criu)
+    with LocalService(store.root, tmp_path, "[service]\nmax_log_bytes = 4096\n") as svc, \
+            svc.client() as c:
+        inst = c.spawn("chatty", timeout=60)
+        wait_until(lambda: inst.logs() == b"ready\n", what="the copy's first line")
+        (log,) = (d / "stdout.log" for d in instance_dirs(svc))
+        app = psutil.Process(inst.pid).children()[0]
+        for _ in range(3):
+            app.send_signal(signal.SIGUSR1)  # 64 KiB
+            wait_until(lambda: log.stat().st_size == 0, what="the log rotated")
+        assert log.with_suffix(".log.1").stat().st_size == 65536
+        first = c.logs(inst.id, offset=0)
+        assert first["rotated_away"] == 6 + 2 * 65536       # only the last rotation is kept
+        assert first["data"] == b"x" * 65535 + b"\n" and first["offset"] == 6 + 3 * 65536
+        assert c.logs(inst.id, offset=first["offset"])["data"] == b""
+        app.send_signal(signal.SIGUSR1)
+        wait_until(lambda: c.logs(inst.id, offset=first["offset"])["data"], what="more output")
+        inst.kill(grace=0)
+
