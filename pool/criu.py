@@ -557,9 +557,11 @@ def _reap_orphans(pids: set[int], timeout: float = 3.0) -> None:
 
 # -- stray children -------------------------------------------------------------------------------
 # A copy's PID 1 becomes our child once the CRIU that restored it exits (we are a subreaper). So
-# does the half-restored tree of a CRIU that died mid-restore: a stray, which nobody else would
-# kill or reap. A stray is a direct child in a pid namespace below ours that no one claimed:
-# Criu.restore claims the pid it returns before CRIU exits; Instance.poll releases it once reaped.
+# do the half-restored tree and the helpers (iptables, ...) of a CRIU that died mid-restore:
+# strays, which nobody else would kill or reap. A stray is a direct child that no one claimed
+# (Criu.restore claims the pid it returns before CRIU exits; Instance.poll releases it once
+# reaped) and that is either in a pid namespace below ours (a restored tree) or a zombie (a dead
+# helper: our own subprocesses are waited for by whoever started them as soon as they exit).
 _claimed: set[int] = set()
 _claimed_lock = threading.Lock()
 
@@ -574,28 +576,38 @@ def release(pid: int) -> None:
         _claimed.discard(pid)
 
 
-def _ns_depth(pid: int | str) -> int:
-    """How many pid namespaces pid is in, as seen from ours (1: ours only)."""
+def _status(pid: int | str) -> tuple[int, bool]:
+    """How many pid namespaces pid is in as seen from ours (1: ours only; 0: gone), and whether it
+    is a zombie."""
+    depth, zombie = 0, False
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("NSpid:"):
-                    return len(line.split()) - 1
+                if line.startswith("State:"):
+                    zombie = line.split()[1] == "Z"
+                elif line.startswith("NSpid:"):
+                    depth = len(line.split()) - 1
     except OSError:
         pass
-    return 0
+    return depth, zombie
 
 
 def stray_children(known: set[int] | frozenset[int] = frozenset()) -> set[int]:
-    """Our direct children in a nested pid namespace that are neither known nor claimed."""
+    """Our direct children that are neither known nor claimed, and are in a nested pid namespace
+    or zombies."""
     kids: set[int] = set()
     for task in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
             kids.update(int(pid) for pid in f.read().split())
-    depth = _ns_depth("self")
+    ours = _status("self")[0]
     with _claimed_lock:
         mine = _claimed | set(known)
-    return {pid for pid in kids - mine if _ns_depth(pid) > depth}
+    strays = set()
+    for pid in kids - mine:
+        depth, zombie = _status(pid)
+        if depth > ours or depth and zombie:
+            strays.add(pid)
+    return strays
 
 
 def kill_strays(strays: set[int]) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -51,12 +52,42 @@ def instance_dirs(svc) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
 
 
-def criu_of(svc):
-    """The `criu swrk` the service runs, once it has started restoring (it has children)."""
-    for p in psutil.Process(svc.pid).children():
-        if p.name() == "criu" and p.children():
-            return p
-    return None
+HOLD = """\
+#!/bin/sh
+# A CRIU action script: the first restore that reaches post-restore (its tree restored, not yet
+# resumed) says so and holds CRIU there until the test lets go.
+[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] && mkdir "{d}/held" 2>/dev/null || exit 0
+while [ ! -e "{d}/go" ]; do sleep 0.02; done
+"""
+
+
+def nested(pid: int) -> bool:
+    """Whether pid is in a pid namespace below ours (a restored copy's)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        return any(line.startswith("NSpid:") and len(line.split()) > 2 for line in f)
+    return False
+
+
+@pytest.fixture
+def held_restore(tmp_path, monkeypatch):
+    """Services started from now on hold their first restore in CRIU once its tree is restored:
+    returns (wait_held() -> the CRIU process, release())."""
+    d = tmp_path / "hold"
+    d.mkdir()
+    script = d / "hold.sh"
+    script.write_text(HOLD.format(d=d))
+    script.chmod(0o755)
+    conf = d / "criu.conf"
+    conf.write_text(f"action-script {script}\n")
+    monkeypatch.setenv("CRIU_CONFIG_FILE", str(conf))
+
+    def wait_held(svc) -> psutil.Process:
+        wait_until(lambda: (d / "held").exists(), timeout=60, what="a restore held by CRIU")
+        (criu,) = (p for p in psutil.Process(svc.pid).children() if p.name() != "tini")
+        return criu  # (CRIU renames itself "criu: restore --rpc")
+
+    yield wait_held, lambda: (d / "go").touch()
+    (d / "go").touch()
 
 
 def spawn_in_background(svc, results: list) -> threading.Thread:
@@ -119,13 +150,13 @@ def test_service_sigkilled_with_3_live_copies_adopts_them_on_restart(service, su
         reap_children(keep={again.pid})
 
 
-def test_service_sigkilled_mid_restore_leaves_nothing_after_restart(service, subreaper):
+def test_service_sigkilled_mid_restore_leaves_nothing_after_restart(service, subreaper,
+                                                                     held_restore):
+    wait_held, _ = held_restore
     svc = service(config(warm=0))
     results: list = []
     spawner = spawn_in_background(svc, results)  # a miss: restored on demand
-    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
-    criu = criu_of(svc)
-    criu.suspend()  # the restore is in flight and stays so: the service dies in its middle
+    criu = wait_held(svc)  # the restore stays in flight: the service dies in its middle
     half_restored = criu.children(recursive=True)
     svc.proc.kill()
     svc.proc.wait()
@@ -145,16 +176,16 @@ def test_service_sigkilled_mid_restore_leaves_nothing_after_restart(service, sub
         reap_children(keep={again.pid})
 
 
-def test_criu_sigkilled_mid_restore_leaves_no_tree_and_no_zombie(service):
+def test_criu_sigkilled_mid_restore_leaves_no_tree_and_no_zombie(service, held_restore):
+    wait_held, release = held_restore
     svc = service(config(warm=0))
     results: list = []
     spawner = spawn_in_background(svc, results)
-    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
-    criu = criu_of(svc)
-    criu.suspend()  # so that the tree it restores is half-done when it dies
+    criu = wait_held(svc)  # its tree is restored, not yet resumed, when it dies
     half_restored = criu.children(recursive=True)
-    assert half_restored
+    assert any(nested(p.pid) for p in half_restored)
     criu.kill()
+    release()  # its action script (reparented to the service) ends too
     spawner.join(90)
     # the waiting spawn is served by the next restore, or fails with a typed error
     assert isinstance(results[0], (PoolError, Instance))
@@ -168,13 +199,12 @@ def test_criu_sigkilled_mid_restore_leaves_no_tree_and_no_zombie(service):
     assert_spawns_and_tidy(svc, warm=0)
 
 
-def test_hung_criu_is_killed_at_the_restore_deadline(service):
+def test_hung_criu_is_killed_at_the_restore_deadline(service, held_restore):
+    wait_held, _ = held_restore
     svc = service(config(warm=0, extra="restore_timeout = 3\n"))
     results: list = []
     spawner = spawn_in_background(svc, results)
-    wait_until(lambda: criu_of(svc) is not None, what="CRIU restoring")
-    criu = criu_of(svc)
-    criu.suspend()  # hangs
+    criu = wait_held(svc)  # hangs in its action script
     tree = [criu, *criu.children(recursive=True)]
     # functional deadline: restore_timeout (3 s) plus the time to kill and reap
     wait_until(lambda: not any(p.is_running() for p in tree), timeout=20,
@@ -212,6 +242,16 @@ while True:
 """
 
 
+def end_offset(c, iid: str) -> int:
+    """Where `pool logs` of iid ends now (offsets count every byte ever written)."""
+    offset = 0
+    while r := c.logs(iid, offset=offset, limit=1 << 20):
+        if not r["data"]:
+            return r["offset"]
+        offset = r["offset"]
+    return offset
+
+
 def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
     from pool.build import build
     from pool.spec import load_spec
@@ -227,9 +267,10 @@ def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
         wait_until(lambda: inst.logs() == b"ready\n", what="the copy's first line")
         (log,) = (d / "stdout.log" for d in instance_dirs(svc))
         app = psutil.Process(inst.pid).children()[0]
-        for _ in range(3):
+        for n in range(1, 4):
             app.send_signal(signal.SIGUSR1)  # 64 KiB
-            wait_until(lambda: log.stat().st_size == 0, what="the log rotated")
+            wait_until(lambda: end_offset(c, inst.id) == 6 + n * 65536  # noqa: B023
+                       and log.stat().st_size == 0, what="the burst written, the log rotated")
         assert log.with_suffix(".log.1").stat().st_size == 65536
         first = c.logs(inst.id, offset=0)
         assert first["rotated_away"] == 6 + 2 * 65536       # only the last rotation is kept
