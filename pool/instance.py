@@ -7,6 +7,8 @@ tells that the copy has exited (usable from a select loop or asyncio's add_reade
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import select
 import shutil
@@ -21,6 +23,8 @@ import psutil
 from . import criu
 
 STREAMS = ("stdout", "stderr")
+PAGE = 4096
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 def open_handles(pid: int) -> tuple[int, int]:
@@ -57,8 +61,6 @@ class Instance:
     hostname: str | None = None
     identity_timeout: float = 10.0     # the template's restore.identity_timeout
     hostname_pattern: str | None = None  # the template's restore.hostname ("{id}": instance id)
-    # bytes of each stream rotated out of its log so far: `pool logs` offsets count from the start
-    rotated: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
 
     # -- life -------------------------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -136,41 +138,42 @@ class Instance:
             return b""
 
     def read_log_from(self, stream: str, offset: int, limit: int) -> tuple[bytes, int, int]:
-        """Read from offset, counted from the copy's first byte of output across log rotations.
-
-        Returns the data, the offset after it and how many bytes from offset on were rotated away
-        before they were read (the data then starts at the oldest byte still kept)."""
-        base = self.rotated[stream]
-        old = self.log_path(stream).with_suffix(".log.1")
+        """Read from offset (a byte position in the copy's whole output). Returns the data, the
+        offset after it, and how many bytes from offset on were rotated away (cut from the log)
+        before they were read: the data then starts at the oldest byte still kept."""
         try:
-            old_size = old.stat().st_size if base else 0
+            fd = os.open(self.log_path(stream), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            old_size = 0
-        lost = max(0, base - old_size - offset)
-        offset += lost
-        if offset < base:  # still in the previous log
-            with open(old, "rb") as f:
-                f.seek(offset - (base - old_size))
-                data = f.read(min(limit, base - offset))
-        else:
-            data = self.read_log(stream, offset - base, limit)
-        return data, offset + len(data), lost
+            return b"", offset, 0
+        try:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                return b"", offset, 0  # nothing written at or after offset yet
+            return (data := os.pread(fd, limit, start)), start + len(data), start - offset
+        finally:
+            os.close(fd)
 
     def rotate_logs(self, max_bytes: int) -> None:
-        """Copy a log over max_bytes to NAME.log.1 and truncate it: the copy writes its log fd
-        directly (O_APPEND), so it goes on writing at the start of the emptied file. Output
-        written between the copy and the truncation is lost."""
+        """Cap each log: once it holds more than max_bytes, cut its oldest bytes (a hole punched
+        at its start: the space is freed, offsets stay valid) and keep the newest half. The copy
+        writes the log directly, so it cannot be renamed or truncated under it."""
         for stream in STREAMS:
-            path = self.log_path(stream)
             try:
-                if path.stat().st_size <= max_bytes:
-                    continue
-                old = path.with_suffix(".log.1")
-                shutil.copyfile(path, old)
-                os.truncate(path, 0)
-                self.rotated[stream] += old.stat().st_size
+                fd = os.open(self.log_path(stream), os.O_WRONLY | os.O_CLOEXEC)
             except OSError:
                 continue  # the copy's dir is going away
+            try:
+                size = os.fstat(fd).st_size
+                kept_from = os.lseek(fd, 0, os.SEEK_DATA) if size else 0
+                if size - kept_from > max_bytes:
+                    _punch_hole(fd, (size - max_bytes // 2) // PAGE * PAGE)
+            except OSError:
+                pass  # nothing kept (ENXIO), or a file system that cannot punch holes
+            finally:
+                os.close(fd)
 
     def output_tail(self, lines: int = 20) -> str:
         out = []
@@ -204,3 +207,16 @@ class Instance:
                 "port": self.port, "exit_status": self.exit_status, "created": self.created,
                 "restore_s": round(self.restore_s, 6), "hostname": self.hostname,
                 "args": self.args, "env": self.env}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _punch_hole(fd: int, length: int) -> None:
+    """Free the first length bytes of a file; its size and later offsets stay as they were."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0),
+                       ctypes.c_long(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))

@@ -12,7 +12,7 @@
     local_node = true              # false: a pure coordinator; spawns go to [nodes.*] only
     source = "10.0.0.1:0"          # where the coordinator serves templates to agents (HOST:PORT)
     heartbeat_s = 1.0              # nodes are pinged this often; down after 3 missed
-    max_log_bytes = 8388608        # each copy's stdout.log and stderr.log: rotated beyond this
+    max_log_bytes = 8388608        # each copy's stdout.log and stderr.log: oldest bytes cut beyond
     restore_timeout = 60.0         # seconds one CRIU restore may take before it is killed
     [nodes.n2]                     # a `pool agent` (see docs/nodes.md)
     address = "10.0.0.2:7070"
@@ -69,7 +69,7 @@ class ServiceConfig:
     source: tuple[str, int] | None = None  # template source for agents; default: host of tcp, port 0
     heartbeat_s: float = 1.0
     # crash recovery and copies' logs
-    max_log_bytes: int = 8 << 20         # per stream of a copy; copy-truncated to NAME.log.1
+    max_log_bytes: int = 8 << 20         # per stream of a copy; beyond it the oldest bytes are cut
     restore_timeout: float = 60.0        # one CRIU restore; CRIU is killed after it
     defaults: WarmSettings = WarmSettings()
     templates: dict[str, WarmSettings] = field(default_factory=dict)

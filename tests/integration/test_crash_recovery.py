@@ -267,14 +267,16 @@ def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
         wait_until(lambda: inst.logs() == b"ready\n", what="the copy's first line")
         (log,) = (d / "stdout.log" for d in instance_dirs(svc))
         app = psutil.Process(inst.pid).children()[0]
-        for n in range(1, 4):
+        total = 6
+        for _ in range(3):
             app.send_signal(signal.SIGUSR1)  # 64 KiB
-            wait_until(lambda: end_offset(c, inst.id) == 6 + n * 65536  # noqa: B023
-                       and log.stat().st_size == 0, what="the burst written, the log rotated")
-        assert log.with_suffix(".log.1").stat().st_size == 65536
-        first = c.logs(inst.id, offset=0)
-        assert first["rotated_away"] == 6 + 2 * 65536       # only the last rotation is kept
-        assert first["data"] == b"x" * 65535 + b"\n" and first["offset"] == 6 + 3 * 65536
+            total += 65536
+            wait_until(lambda: end_offset(c, inst.id) == total  # noqa: B023
+                       and log.stat().st_blocks * 512 <= 8192, what="the burst written, then cut")
+        first = c.logs(inst.id, offset=0, limit=1 << 20)
+        assert first["offset"] == total and len(first["data"]) <= 4096 + 4096  # cap + a page
+        assert first["rotated_away"] == total - len(first["data"]) > 0
+        assert first["data"].endswith(b"x\n") and set(first["data"]) == {ord("x"), ord("\n")}
         assert c.logs(inst.id, offset=first["offset"])["data"] == b""
         app.send_signal(signal.SIGUSR1)
         wait_until(lambda: c.logs(inst.id, offset=first["offset"])["data"], what="more output")
