@@ -21,6 +21,7 @@ from pool.demo import PROBES, LocalService, ask
 from pool.client import Instance
 from pool.errors import PoolError
 from servicekit import copies_of, wait_until
+from test_nodes import counter, pool_lab  # noqa: F401  (fixtures, shared with test_nodes)
 
 pytestmark = pytest.mark.integration
 CONFIG = "[templates.py-hello]\nmin_warm = {warm}\n[service]\nexited_history = 0\n{extra}"
@@ -282,3 +283,23 @@ def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
         wait_until(lambda: c.logs(inst.id, offset=first["offset"])["data"], what="more output")
         inst.kill(grace=0)
 
+
+
+def test_agent_sigkilled_with_a_live_copy_adopts_it_on_restart(pool_lab, subreaper):
+    pl = pool_lab()
+    with pl.client() as c:
+        inst = c.spawn("counter", node="n2", timeout=60)
+        agent = pl.agents.pop("n2")
+        agent.kill()                  # its copy lives on, unreachable: its port died with it
+        agent.wait(10)
+        pl.start_agent("n2")
+        pl.wait_nodes_up("n2")
+        (row,) = [r for r in c.list() if r["id"] == inst.id]
+        assert row["node"] == "n2" and row["pid"] == inst.pid
+        assert pl.get(row["address"])["instance"] == inst.id
+        c.kill(inst.id, grace=0)
+        assert c.list() == []
+        back = c.spawn("counter", node="n2", timeout=60)
+        assert pl.get(back.address)["instance"] == back.id
+        back.kill(grace=0)
+    assert "1 live copies adopted again" in pl.log("n2")
