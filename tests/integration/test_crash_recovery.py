@@ -303,3 +303,21 @@ def test_agent_sigkilled_with_a_live_copy_adopts_it_on_restart(pool_lab, subreap
         assert pl.get(back.address)["instance"] == back.id
         back.kill(grace=0)
     assert "1 live copies adopted again" in pl.log("n2")
+
+
+def test_instances_left_at_shutdown_are_adopted_by_the_next_service(service, subreaper):
+    leave = config(warm=0, extra='on_shutdown = "leave"\n')
+    svc = service(leave)
+    with svc.client() as c:
+        inst = c.spawn("py-hello")
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(30) == 0
+    again = service(leave)
+    try:
+        with again.client() as c:
+            assert [r["id"] for r in c.list()] == [inst.id]
+            assert ask(inst.address, PROBES["py-hello"])["instance"] == inst.id
+            c.kill(inst.id, grace=0)
+        assert_spawns_and_tidy(again, warm=0)
+    finally:
+        reap_children(keep={again.pid})
