@@ -1,6 +1,7 @@
-"""Crashes around a real `pool serve`: the service SIGKILLed with live copies or mid-restore, CRIU
-SIGKILLed or hung mid-restore, a warm copy SIGKILLed, a copy that writes a lot. After each the
-template still spawns, `pool ls` is true and nothing is left behind.
+"""Crashes around a real `pool serve`: the service (or an agent) SIGKILLed with live copies or
+mid-restore, CRIU SIGKILLed or hung mid-restore, a warm copy SIGKILLed, a copy that writes a lot,
+instances left at shutdown. After each the template still spawns, `pool ls` is true and nothing is
+left behind.
 
 This test process makes itself a child subreaper: what a SIGKILLed service leaves (its copies,
 its CRIU) is reparented to it, as it would be to systemd, and it reaps them (`reap_children`)."""
@@ -10,15 +11,14 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from pool.client import Instance
 from pool.criu import become_subreaper
 from pool.demo import PROBES, LocalService, ask
-from pool.client import Instance
 from pool.errors import PoolError
 from servicekit import copies_of, wait_until
 from test_nodes import counter, pool_lab  # noqa: F401  (fixtures, shared with test_nodes)
