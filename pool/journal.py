@@ -130,7 +130,7 @@ def recover(instances_dir: Path, node: str) -> Recovery:
     held = _holders(instances_dir)
     for d in sorted(p for p in instances_dir.iterdir() if p.is_dir()):
         rec = read(d)
-        if rec is not None and rec.node != node or rec is None and _owner_alive(d):
+        if (rec.node != node) if rec is not None else _owner_alive(d):
             continue  # another node's, or a running `pool restore`'s
         if rec is not None and rec.state == LIVE and still_running(rec):
             out.live.append((d, rec))
