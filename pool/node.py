@@ -404,10 +404,11 @@ class NodeRuntime:
         return c
 
     def handed(self, c: Copy, path: str, since: float = 0.0) -> None:
-        """c was handed out since seconds ago; its journal record says so once the reply is out."""
+        """c was handed out since seconds ago. Its journal record says so before the reply is
+        sent: a node killed right after a spawn finds the copy live, not warm."""
         c.inst.path = path
         c.handed_at = self._loop.time() - since
-        self._loop.call_soon(self._journal, c)
+        self._journal(c)
 
     def _describe(self, c: Copy) -> dict:
         d = c.inst.describe()
