@@ -178,7 +178,7 @@ class Instance:
     def output_tail(self, lines: int = 20) -> str:
         out = []
         for stream in STREAMS:
-            text = self.read_log(stream, 0, 1 << 20).decode(errors="replace").strip()
+            text = self.read_log_from(stream, 0, 1 << 20)[0].decode(errors="replace").strip()
             if text:
                 out.append("\n".join(text.splitlines()[-lines:]))
         return "\n".join(out)
