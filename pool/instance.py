@@ -77,7 +77,7 @@ class Instance:
         if pid == 0:
             return None
         self.exit_status = os.waitstatus_to_exitcode(status)
-        criu.release(self.pid)
+        criu.disown(self.pid)
         if self.state != "failed":
             self.state = "exited"
         return self.exit_status

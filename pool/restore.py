@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import compat, control, hints, journal, netns
-from .criu import Criu, RestoreOptions, become_subreaper
+from .criu import Criu, RestoreOptions, become_subreaper, disown
 from .errors import CriuError, CriuFailed, Incompatible, RestoreError
 from .instance import Instance, open_handles
 from .store import Store, Template
@@ -165,6 +165,7 @@ class Restorer:
                     os.kill(pid, 9)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+                disown(pid)
             for fd in ours + theirs:
                 with contextlib.suppress(OSError):
                     os.close(fd)
