@@ -139,6 +139,9 @@ def cmd_logs(args) -> int:
         offset = 0
         while True:
             r = c.logs(args.id, stream, offset, 1 << 20)
+            if r.get("rotated_away"):
+                print(f"[pool logs: {r['rotated_away']} earlier bytes were cut from the log "
+                      "(max_log_bytes)]", file=sys.stderr, flush=True)
             if r["data"]:
                 out.write(r["data"])
                 out.flush()

@@ -238,8 +238,10 @@ class Criu:
             raise CriuFailed(op, _errno_text(code), errno=code, log_tail=tail,
                              log_path=_str(log_file)) from err
         if isinstance(err, pycriu.CRIUException):
-            # The RPC itself broke: CRIU died or never answered.
+            # The RPC itself broke: CRIU died or never answered. What it had half-restored is
+            # reparented to us (we are a subreaper): kill and reap it.
             stderr = _drain(proc)
+            reap_strays()
             if tail or stderr:
                 raise CriuFailed(op, f"CRIU stopped answering ({err})", log_tail=tail or stderr,
                                  log_path=_str(log_file)) from err
@@ -327,6 +329,7 @@ class Criu:
                 for key, fd in opts.inherit_fds.items():
                     o.inherit_fd.add(key=key, fd=fd)
                 resp = self._call("restore", lambda c: c.restore(), client, proc, timeout, log_path)
+                claim(int(resp.pid))  # before CRIU exits and the copy becomes our child
         finally:
             os.close(img_fd)
             os.close(log_fd)
@@ -549,6 +552,82 @@ def _reap_orphans(pids: set[int], timeout: float = 3.0) -> None:
                 left.discard(pid)
         if left:
             time.sleep(0.02)
+
+
+# -- stray children -------------------------------------------------------------------------------
+# A copy's PID 1 becomes our child once the CRIU that restored it exits (we are a subreaper). So
+# do the half-restored tree and the helpers (iptables, ...) of a CRIU that died mid-restore:
+# strays, which nobody else would kill or reap. A stray is a direct child that no one claimed
+# (Criu.restore claims the pid it returns before CRIU exits; Instance.poll disowns it once
+# reaped) and that is either in a pid namespace below ours (a restored tree) or a zombie (a dead
+# helper: our own subprocesses are waited for by whoever started them as soon as they exit).
+_claimed: set[int] = set()
+_claimed_lock = threading.Lock()
+
+
+def claim(pid: int) -> None:
+    with _claimed_lock:
+        _claimed.add(pid)
+
+
+def disown(pid: int) -> None:
+    with _claimed_lock:
+        _claimed.discard(pid)
+
+
+def _status(pid: int | str) -> tuple[int, bool]:
+    """How many pid namespaces pid is in as seen from ours (1: ours only; 0: gone), and whether it
+    is a zombie."""
+    depth, zombie = 0, False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    zombie = line.split()[1] == "Z"
+                elif line.startswith("NSpid:"):
+                    depth = len(line.split()) - 1
+    except OSError:
+        pass
+    return depth, zombie
+
+
+def stray_children(known: set[int] | frozenset[int] = frozenset()) -> set[int]:
+    """Our direct children that are neither known nor claimed, and are in a nested pid namespace
+    or zombies."""
+    kids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+            kids.update(int(pid) for pid in f.read().split())
+    ours = _status("self")[0]
+    with _claimed_lock:
+        mine = _claimed | set(known)
+    strays = set()
+    for pid in kids - mine:
+        depth, zombie = _status(pid)
+        if depth > ours or depth and zombie:
+            strays.add(pid)
+    return strays
+
+
+def kill_strays(strays: set[int]) -> None:
+    """SIGKILL strays (the init of their pid namespace: all of it dies) and reap them by pid.
+    They are our unreaped children, so their pids cannot have been recycled."""
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _reap_orphans(strays)
+
+
+def reap_strays(known: set[int] | frozenset[int] = frozenset(), grace: float = 0.2) -> set[int]:
+    """Kill and reap the strays seen twice, grace seconds apart (a restore that just returned has
+    claimed its pid by then). Returns them."""
+    first = stray_children(known)
+    if not first:
+        return set()
+    time.sleep(grace)
+    strays = first & stray_children(known)
+    kill_strays(strays)
+    return strays
 
 
 def _drain(proc: subprocess.Popen) -> str:

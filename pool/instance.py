@@ -7,6 +7,8 @@ tells that the copy has exited (usable from a select loop or asyncio's add_reade
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -18,8 +20,11 @@ from typing import Any
 import psutil
 
 from . import fds
+from . import criu
 
 STREAMS = ("stdout", "stderr")
+PAGE = 4096
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 def open_handles(pid: int) -> tuple[int, int]:
@@ -72,6 +77,7 @@ class Instance:
         if pid == 0:
             return None
         self.exit_status = os.waitstatus_to_exitcode(status)
+        criu.disown(self.pid)
         if self.state != "failed":
             self.state = "exited"
         return self.exit_status
@@ -131,10 +137,48 @@ class Instance:
         except FileNotFoundError:
             return b""
 
+    def read_log_from(self, stream: str, offset: int, limit: int) -> tuple[bytes, int, int]:
+        """Read from offset (a byte position in the copy's whole output). Returns the data, the
+        offset after it, and how many bytes from offset on were rotated away (cut from the log)
+        before they were read: the data then starts at the oldest byte still kept."""
+        try:
+            fd = os.open(self.log_path(stream), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return b"", offset, 0
+        try:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                return b"", offset, 0  # nothing written at or after offset yet
+            return (data := os.pread(fd, limit, start)), start + len(data), start - offset
+        finally:
+            os.close(fd)
+
+    def rotate_logs(self, max_bytes: int) -> None:
+        """Cap each log: once it holds more than max_bytes, cut its oldest bytes (a hole punched
+        at its start: the space is freed, offsets stay valid) and keep the newest half. The copy
+        writes the log directly, so it cannot be renamed or truncated under it."""
+        for stream in STREAMS:
+            try:
+                fd = os.open(self.log_path(stream), os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # the copy's dir is going away
+            try:
+                size = os.fstat(fd).st_size
+                kept_from = os.lseek(fd, 0, os.SEEK_DATA) if size else 0
+                if size - kept_from > max_bytes:
+                    _punch_hole(fd, (size - max_bytes // 2) // PAGE * PAGE)
+            except OSError:
+                pass  # nothing kept (ENXIO), or a file system that cannot punch holes
+            finally:
+                os.close(fd)
+
     def output_tail(self, lines: int = 20) -> str:
         out = []
         for stream in STREAMS:
-            text = self.read_log(stream, 0, 1 << 20).decode(errors="replace").strip()
+            text = self.read_log_from(stream, 0, 1 << 20)[0].decode(errors="replace").strip()
             if text:
                 out.append("\n".join(text.splitlines()[-lines:]))
         return "\n".join(out)
@@ -163,3 +207,16 @@ class Instance:
                 "port": self.port, "exit_status": self.exit_status, "created": self.created,
                 "restore_s": round(self.restore_s, 6), "hostname": self.hostname,
                 "args": self.args, "env": self.env}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _punch_hole(fd: int, length: int) -> None:
+    """Free the first length bytes of a file; its size and later offsets stay as they were."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0),
+                       ctypes.c_long(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))

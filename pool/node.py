@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .builds import current_build
+from . import criu, journal
 from .errors import InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound
 from .faults import handover_counts_against_template
 from .service_config import ServiceConfig
@@ -36,6 +38,7 @@ from .warm import EXITED, FAILED, KILLED, WarmPool
 log = logging.getLogger("pool.node")
 
 TICK_S = 0.25
+SWEEP_TICKS = 4            # every second: rotate copies' logs, look for stray children
 MAX_LOG_CHUNK = 1 << 20
 DRAIN_SLACK_S = 2.0  # after kill_grace: for SIGKILLed copies to be reaped
 
@@ -82,6 +85,8 @@ class NodeRuntime:
         self._deferred_refills: set[str] = set()
         self._orphans = 0                        # cancelled restores still running in a thread
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticks = 0
+        self._strays_seen: set[int] = set()
 
     # -- life ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,13 +96,39 @@ class NodeRuntime:
 
         self._loop = loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
-        self.restorer = Restorer(Store(self.cfg.store), Criu.locate(), self.cfg.run_dir)
+        self.restorer = Restorer(Store(self.cfg.store), Criu.locate(), self.cfg.run_dir,
+                                 restore_timeout=self.cfg.restore_timeout)
+        # before any restore of ours starts: what a previous life left in the run dir
+        found = journal.recover(self.restorer.instances_dir, self.name)
         self._executor = ThreadPoolExecutor(self.cfg.restore_concurrency,
                                             thread_name_prefix="restore")
         self._tasks = [loop.create_task(self._supervise(), name="supervisor"),
                        loop.create_task(self._ticker(), name="ticker")]
         for name in self.cfg.templates:
             self._pool(name, must_exist=False)
+        adopted = [await self._adopt_again(run_dir, rec) for run_dir, rec in found.live]
+        if found.live or found.removed:
+            log.info("recovered from a previous run: %d live copies adopted again, %d copies or "
+                     "restores killed, %d dirs removed", sum(adopted), found.killed, found.removed)
+
+    async def _adopt_again(self, run_dir, rec: journal.Record) -> bool:
+        """Watch and publish again a live copy a previous life of this node handed out."""
+        try:
+            inst = journal.reopen(run_dir, rec)
+        except OSError as e:
+            log.warning("instance %s (pid %d) is gone: %s", rec.id, rec.pid, e.strerror)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return False
+        pool = self._pool(rec.template, must_exist=False)
+        try:
+            c = await self.adopt(inst, pool, host_port=journal.host_port(rec.address))
+        except RestoreError as e:  # its port cannot be published: it was killed
+            log.warning("instance %s: %s", rec.id, e.message)
+            return False
+        pool.take_live(inst)
+        self.handed(c, rec.path, since=time.time() - (rec.handed_at or time.time()))
+        log.info("adopted instance %s (pid %d) again at %s", rec.id, rec.pid, inst.address)
+        return True
 
     def run_blocking(self, fn, *args):
         """fn(*args) in the restore executor (CRIU work that must not block the loop)."""
@@ -194,6 +225,9 @@ class NodeRuntime:
 
     def _tick(self) -> None:
         now = self._loop.time()
+        self._ticks += 1
+        if self._ticks % SWEEP_TICKS == 0:
+            self._sweep()
         for pool in self.pools.values():
             pool.tick()
         self._notice_builds()
@@ -209,6 +243,19 @@ class NodeRuntime:
                     >= s.idle_timeout:
                 log.info("instance %s: idle for %gs", c.inst.id, s.idle_timeout)
                 self._kill(c, self.cfg.kill_grace, KILLED)
+
+    def _sweep(self) -> None:
+        """Cap copies' logs; kill and reap stray children (the half-restored tree of a CRIU that
+        died) seen on two sweeps in a row."""
+        for c in self.copies.values():
+            c.inst.rotate_logs(self.cfg.max_log_bytes)
+        strays = criu.stray_children({c.inst.pid for c in self.copies.values()})
+        doomed = strays & self._strays_seen
+        if doomed:
+            log.warning("killing %d stray processes (left by a CRIU that died): %s",
+                        len(doomed), sorted(doomed))
+            self._background(asyncio.to_thread(criu.kill_strays, doomed))
+        self._strays_seen = strays - doomed
 
     def _reap(self, c: Copy) -> None:
         inst = c.inst
@@ -229,6 +276,7 @@ class NodeRuntime:
         c.pool.exited(inst, c.cause, detail)
         self.metrics.exited(inst.template, c.cause)
         self.copies.pop(inst.id, None)
+        journal.forget(inst.run_dir)
         self._background(self._close_proxy(c))
         if c.on_end is not None:
             with contextlib.suppress(Exception):
@@ -402,8 +450,9 @@ class NodeRuntime:
     async def _prefault(self, pid: int) -> None:
         await self.run_blocking(prefault_code, pid)
 
-    async def adopt(self, inst, pool: WarmPool, on_end=None) -> Copy:
-        """Make a restored copy ours: watched, reaped, its port published."""
+    async def adopt(self, inst, pool: WarmPool, on_end=None, host_port: int = 0) -> Copy:
+        """Make a restored copy ours: watched, reaped, its port published (on host_port if it is
+        free, else on any), recorded in the journal."""
         from .portproxy import PortProxy  # noqa: PLC0415
 
         c = Copy(inst, pool, self._loop.create_future(), on_end=on_end)
@@ -412,12 +461,24 @@ class NodeRuntime:
         if inst.port:
             try:
                 c.proxy = PortProxy(inst.netns_fd, inst.port, host=self.publish_host)
-                inst.address = await c.proxy.start()
+                inst.address = await c.proxy.start_on(host_port)
             except OSError as e:
                 c.proxy = None
                 self._kill(c, 0, FAILED)
                 raise RestoreError("publishing the copy's port", str(e)) from e
+        self._journal(c)
         return c
+
+    def _journal(self, c: Copy) -> None:
+        if c.done.done() or c.left:
+            return
+        handed = None if c.handed_at is None else time.time() - (self._loop.time() - c.handed_at)
+        rec = journal.Record.of(c.inst, self.name, journal.WARM if handed is None else journal.LIVE,
+                                handed)
+        try:
+            journal.write(c.inst.run_dir, rec)
+        except OSError as e:
+            log.warning("instance %s: cannot write its journal record: %s", c.inst.id, e.strerror)
 
     def _discard(self, inst) -> None:
         c = self.copies.get(inst.id)
@@ -434,9 +495,12 @@ class NodeRuntime:
             raise InstanceNotFound(iid)
         return c
 
-    def handed(self, c: Copy, path: str) -> None:
+    def handed(self, c: Copy, path: str, since: float = 0.0) -> None:
+        """c was handed out since seconds ago. Its journal record says so before the reply is
+        sent: a node killed right after a spawn finds the copy live, not warm."""
         c.inst.path = path
-        c.handed_at = self._loop.time()
+        c.handed_at = self._loop.time() - since
+        self._journal(c)
 
     def _describe(self, c: Copy) -> dict:
         d = c.inst.describe()
@@ -544,8 +608,8 @@ class NodeRuntime:
 
     async def rpc_logs(self, id: str, stream: str, offset: int, limit: int) -> dict:  # noqa: A002
         c = self.find(id)
-        data = c.inst.read_log(stream, offset, min(limit, MAX_LOG_CHUNK))
-        return {"data": data, "offset": offset + len(data), "exited": c.done.done()}
+        data, end, lost = c.inst.read_log_from(stream, offset, min(limit, MAX_LOG_CHUNK))
+        return {"data": data, "offset": end, "exited": c.done.done(), "rotated_away": lost}
 
     async def rpc_templates(self) -> list:
         out = []

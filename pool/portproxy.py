@@ -32,6 +32,14 @@ class PortProxy:
         self._server = await asyncio.start_server(self._on_client, self.host, host_port)
         return self.address
 
+    async def start_on(self, host_port: int) -> str:
+        """Publish on host_port if it is free (a copy adopted again keeps its address), else on
+        any free port."""
+        if host_port:
+            with contextlib.suppress(OSError):
+                return await self.start(host_port)
+        return await self.start()
+
     async def _on_client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None

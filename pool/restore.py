@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import compat, control, hints, netns
-from .criu import Criu, RestoreOptions, become_subreaper
+from . import compat, control, hints, journal, netns
+from .criu import Criu, RestoreOptions, become_subreaper, disown
 from .errors import CriuError, CriuFailed, Incompatible, RestoreError
 from .instance import Instance, open_handles
 from .store import Store, Template
@@ -105,6 +105,7 @@ class Restorer:
         theirs: list[int] = []    # fds handed to CRIU, closed in any case once it is done
         pid = -1
         try:
+            journal.mark_owner(run_dir)  # a node recovering on this run dir leaves it to us
             inherit: dict[str, int] = {}
             for stream in ("stdout", "stderr"):
                 fd = os.open(run_dir / f"{stream}.log",
@@ -164,6 +165,7 @@ class Restorer:
                     os.kill(pid, 9)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+                disown(pid)
             for fd in ours + theirs:
                 with contextlib.suppress(OSError):
                     os.close(fd)

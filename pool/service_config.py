@@ -14,6 +14,8 @@
     heartbeat_s = 1.0              # nodes are pinged this often; down after 3 missed
     max_connections = 1024         # per listener; more get an error and are closed
     idle_connection_timeout = 300  # seconds a connection may idle after its hello (0: no limit)
+    max_log_bytes = 8388608        # each copy's stdout.log and stderr.log: oldest bytes cut beyond
+    restore_timeout = 60.0         # seconds one CRIU restore may take before it is killed
     [nodes.n2]                     # a `pool agent` (see docs/nodes.md)
     address = "10.0.0.2:7070"
     token_file = "/etc/pool/n2.token"
@@ -40,8 +42,10 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
                 "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
                 "early_death_s", "exited_history", "max_live", "capacity", "local_node",
-                "source", "heartbeat_s")
-# RPC connection limits (floods): a separate block so that other keys merge cleanly.
+                "source", "heartbeat_s",
+                # crash recovery and copies' logs
+                "max_log_bytes", "restore_timeout")
+# RPC connection limits (floods)
 SERVICE_KEYS += ("max_connections", "idle_connection_timeout")
 NODE_KEYS = ("address", "token_file")
 TEMPLATE_KEYS = ("min_warm", "max_live", "ttl", "idle_timeout")
@@ -68,6 +72,9 @@ class ServiceConfig:
     local_node: bool = True              # the coordinator also runs copies itself (node "local")
     source: tuple[str, int] | None = None  # template source for agents; default: host of tcp, port 0
     heartbeat_s: float = 1.0
+    # crash recovery and copies' logs
+    max_log_bytes: int = 8 << 20         # per stream of a copy; beyond it the oldest bytes are cut
+    restore_timeout: float = 60.0        # one CRIU restore; CRIU is killed after it
     defaults: WarmSettings = WarmSettings()
     templates: dict[str, WarmSettings] = field(default_factory=dict)
     nodes: dict[str, "NodeConfig"] = field(default_factory=dict)
@@ -124,6 +131,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         heartbeat_s=s.get("heartbeat_s", "float", 1.0, _positive),
         max_connections=s.get("max_connections", "int", 1024, at_least(1)),
         idle_connection_timeout=s.get("idle_connection_timeout", "float", 300.0, _non_negative),
+        # crash recovery and copies' logs
+        max_log_bytes=s.get("max_log_bytes", "int", 8 << 20, at_least(4096)),
+        restore_timeout=s.get("restore_timeout", "float", 60.0, _positive),
         defaults=WarmSettings(0, max_live_default))
     for key in PATH_KEYS:
         if v := s.get(key, "str", None):

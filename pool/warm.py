@@ -212,6 +212,11 @@ class WarmPool(Generic[T]):
         self._on_change()
         self._request_refill()
 
+    def take_live(self, copy: T) -> None:
+        """A copy handed out by an earlier life of the node, adopted again: it counts as live."""
+        self._live[id(copy)] = copy
+        self._on_change()
+
     def _give_to_waiter(self, copy: T) -> bool:
         while self._waiters:
             fut = self._waiters.popleft()

@@ -5,6 +5,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = str(ROOT / ".venv" / "bin" / "pool")
 
@@ -23,3 +25,8 @@ def cli(svc, *args, check=True):
     if check and r.returncode != 0:
         raise AssertionError(f"pool {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def copies_of(pid):
+    """The copies (tini, PID 1 of each) that are children of process pid."""
+    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}

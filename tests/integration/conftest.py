@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pool.criu import Criu
+from pool.demo import LocalService
 from pool.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +82,23 @@ def restorer(session_store, criu, tmp_path):
     from pool.restore import Restorer
 
     return Restorer(session_store, criu, tmp_path / "run")
+
+
+@pytest.fixture
+def py_hello(built):
+    return built("py-hello")
+
+
+@pytest.fixture
+def service(session_store, py_hello, tmp_path):
+    """start(config) -> LocalService on the session store; every started service is stopped."""
+    started = []
+
+    def start(config: str = "[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n", **kw):
+        svc = LocalService(session_store.root, tmp_path, config, **kw)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()

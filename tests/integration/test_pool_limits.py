@@ -15,16 +15,13 @@ import pytest
 
 from pool.demo import PROBES, LocalService, ask
 from pool.errors import BadRequest, NoCapacity, PoolError, TemplateNotFound
-from servicelab import POOL, cli, wait_until
+from servicelab import POOL, cli, copies_of, wait_until
 
 pytestmark = pytest.mark.integration
 TEMPLATES = POOL.rsplit("/.venv/", 1)[0] + "/templates"
 SLACK_S = 10.0  # stop(), the interpreter's exit, a slow shared machine
 
 
-def service_copies(pid):
-    """The copies (tini processes) of the service with this pid."""
-    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
 
 
 def assert_serves(svc):
@@ -64,13 +61,13 @@ def test_capacity_is_enforced_across_the_node(service):
         time.sleep(1.0)  # a few ticks: min_warm wants 2 more copies, the node has no room for them
         t = c.stats()["templates"]["py-hello"]
         assert (t["warm"], t["live"], t["restoring"], t["restores"]) == (0, 2, 0, 2)
-        assert len(service_copies(svc.pid)) == 2
+        assert len(copies_of(svc.pid)) == 2
         with pytest.raises(NoCapacity) as e:          # the node has no free capacity left
             c.spawn("py-hello", timeout=1.0)
         assert "capacity" in e.value.message
         held[0].kill(grace=0)                          # room for one warm copy again
         svc.wait_warm("py-hello", 1)
-        assert len(service_copies(svc.pid)) == 2
+        assert len(copies_of(svc.pid)) == 2
         held[1].kill(grace=0)
     assert_serves(svc)
 
@@ -116,7 +113,7 @@ def test_set_warm_down_cancels_the_restores_still_queued(service):
         t = svc.wait_warm("py-hello", 0, timeout=30)   # nothing restoring, nothing dying
         assert t["restores"] <= done_before + 1         # only the one running may still finish
         assert t["restore_failures"] == 0 and not t["quarantined"]
-        wait_until(lambda: not service_copies(svc.pid), timeout=10, what="no copies left")
+        wait_until(lambda: not copies_of(svc.pid), timeout=10, what="no copies left")
     assert_serves(svc)
 
 
@@ -130,13 +127,13 @@ def test_sigterm_with_restores_queued_ends_within_the_drain_deadline(service):
         c.set_warm("py-hello", 32)
         wait_until(lambda: c.stats()["templates"]["py-hello"]["restoring"] > 1, timeout=10,
                    what="restores queued (one runs, the others wait their turn)")
-        at_signal = service_copies(svc.pid)
+        at_signal = copies_of(svc.pid)
     t0 = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
     most = len(at_signal)
     while svc.proc.poll() is None and time.monotonic() - t0 < drain_timeout + kill_grace + SLACK_S:
         try:
-            most = max(most, len(service_copies(svc.pid)))
+            most = max(most, len(copies_of(svc.pid)))
         except psutil.NoSuchProcess:
             break
         time.sleep(0.05)

@@ -18,7 +18,7 @@ import pytest
 import pool
 from pool.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, NodeUnavailable, Quarantined
-from servicelab import POOL, cli, wait_until
+from servicelab import POOL, cli, copies_of, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -108,15 +108,11 @@ def _service_fds(pid):
     return psutil.Process(pid).num_fds()
 
 
-def _copies(pid):
-    return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
-
-
 def test_200_spawns_from_a_warm_pool_leak_nothing(service):
     svc = service("[templates.py-hello]\nmin_warm = 4\nmax_live = 16\n"
                   "[service]\nexited_history = 50\n")
     svc.wait_warm("py-hello", 4)
-    fds_before, kids_before = _service_fds(svc.pid), _copies(svc.pid)
+    fds_before, kids_before = _service_fds(svc.pid), copies_of(svc.pid)
     assert len(kids_before) == 4
     paths = {"warm": 0, "restore": 0}
     with svc.client() as c:
@@ -128,8 +124,8 @@ def test_200_spawns_from_a_warm_pool_leak_nothing(service):
         stats = c.stats()
     assert stats["live"] == 0 and stats["exited_kept"] == 50
     assert paths["warm"] >= 4, paths
-    wait_until(lambda: len(_copies(svc.pid)) == 4, what="only the 4 warm copies as children")
-    assert not (_copies(svc.pid) & kids_before)      # the old warm copies were handed out and ended
+    wait_until(lambda: len(copies_of(svc.pid)) == 4, what="only the 4 warm copies as children")
+    assert not (copies_of(svc.pid) & kids_before)      # the old warm copies were handed out and ended
     # <=, not ==: a client connection of wait_warm may still have been closing at the first count
     wait_until(lambda: _service_fds(svc.pid) <= fds_before, timeout=10,
                what=f"service fds back to {fds_before} (now {_service_fds(svc.pid)})")
@@ -227,13 +223,13 @@ def test_ttl_ends_an_instance(service):
         assert inst.info()["end_cause"] == "killed"
 
 
-def test_sigterm_drains_and_leaves_no_copies(service):
+def test_sigterm_drains_and_leaves_nocopies_of(service):
     svc = service("[templates.py-hello]\nmin_warm = 2\n[service]\ndrain_timeout = 5\n")
     svc.wait_warm("py-hello", 2)
     with svc.client() as c:
         live = [c.spawn("py-hello") for _ in range(2)]
     svc.wait_warm("py-hello", 2)
-    copies = _copies(svc.pid)
+    copies = copies_of(svc.pid)
     assert len(copies) == 4 and {i.pid for i in live} <= copies
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(30) == 0
@@ -252,7 +248,7 @@ def test_on_shutdown_leave_keeps_live_instances(service):
     with svc.client() as c:
         inst = c.spawn("py-hello")
     svc.wait_warm("py-hello", 1)
-    warm = _copies(svc.pid) - {inst.pid}
+    warm = copies_of(svc.pid) - {inst.pid}
     assert len(warm) == 1
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(30) == 0

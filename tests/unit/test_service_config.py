@@ -25,6 +25,7 @@ def test_defaults_without_a_file():
 def test_connection_limits(tmp_path):
     cfg = load_config(write(tmp_path, "[service]\nmax_connections = 16\nidle_connection_timeout = 0\n"))
     assert cfg.connection_limits() == {"max_connections": 16, "idle_timeout": None}  # 0: no limit
+    assert cfg.max_log_bytes == 8 << 20 and cfg.restore_timeout == 60.0
 
 
 def test_full_file_and_overrides(tmp_path):
@@ -60,6 +61,8 @@ max_live = 4
     ("[templates.x]\nmin_warm = 5\nmax_live = 2\n", "templates.x.min_warm", "more than max_live"),
     ("[templates.x]\nwarm = 1\n", "templates.x.warm", "did you mean 'min_warm'"),
     ("[service]\ntcp = \"127.0.0.1:7070\"\n", "service.token_file", "needs authentication"),
+    ("[service]\nmax_log_bytes = 100\n", "service.max_log_bytes", "at least 4096"),
+    ("[service]\nrestore_timeout = 0\n", "service.restore_timeout", "more than 0"),
 ])
 def test_bad_settings_name_the_field(tmp_path, text, field, problem):
     with pytest.raises(SpecError) as info:
