@@ -385,13 +385,15 @@ class NodeRuntime:
     def _notice_builds(self) -> None:
         """A build published (or removed) since the last tick: one readlink per pool."""
         for name, pool in self.pools.items():
-            try:
-                build = current_build(self.cfg.store, name)
-            except OSError as e:  # the store is unreadable right now: keep what we have
-                log.warning("template %s: reading its current build: %s", name, e.strerror)
-                continue
-            if build == pool.build:
-                continue
+            self._notice_build(name, pool)
+
+    def _notice_build(self, name: str, pool: WarmPool) -> None:
+        try:
+            build = current_build(self.cfg.store, name)
+        except OSError as e:  # the store is unreadable right now: keep what we have
+            log.warning("template %s: reading its current build: %s", name, e.strerror)
+            return
+        if build != pool.build:
             if build is None:
                 log.info("template %s: its build was removed from the store", name)
                 pool.build_removed()
@@ -535,6 +537,8 @@ class NodeRuntime:
             raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
         try:
             pool = self._pool(template)
+            if pool.unbuilt:  # published a moment ago (a shipped template), before the next tick
+                self._notice_build(template, pool)
         except PoolError as e:
             self.metrics.spawn_failed(template if template in self.pools else "", e.code)
             raise
