@@ -38,13 +38,16 @@ def test_set_warm_beyond_max_live_is_refused_and_the_template_still_spawns(servi
     svc = service("[templates.py-hello]\nmin_warm = 1\nmax_live = 8\n")
     svc.wait_warm("py-hello", 1)
     with svc.client() as c:
-        with pytest.raises(BadRequest) as e:
+        with pytest.raises(BadRequest) as e:  # over any pool's bound: refused at the boundary
             c.set_warm("py-hello", 100000)
+        assert e.value.data["param"] == "min_warm"
+        with pytest.raises(BadRequest) as e:  # over this pool's max_live: refused by the node
+            c.set_warm("py-hello", 100)
         assert e.value.data["param"] == "min_warm" and e.value.data["max_live"] == 8
         assert "min_warm" in e.value.message and "max_live (8)" in e.value.message
         t = c.stats()["templates"]["py-hello"]
         assert (t["min_warm"], t["max_live"]) == (1, 8) and t["restoring"] <= 1
-    r = cli(svc, "set-warm", "py-hello", "100000", check=False)
+    r = cli(svc, "set-warm", "py-hello", "100", check=False)
     assert r.returncode != 0 and "min_warm" in r.stderr and "max_live" in r.stderr
     assert_serves(svc)
 
