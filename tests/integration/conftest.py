@@ -63,8 +63,6 @@ def py_hello(built):
 def service(session_store, py_hello, tmp_path):
     """start(config) -> LocalService (a real `pool serve`) on the session store; every started service
     is stopped."""
-    from pool.demo import LocalService
-
     started = []
 
     def start(config: str = "[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n", **kw):
@@ -84,21 +82,37 @@ def restorer(session_store, criu, tmp_path):
     return Restorer(session_store, criu, tmp_path / "run")
 
 
-@pytest.fixture
-def py_hello(built):
-    return built("py-hello")
+# --- multi-node labs (test_nodes.py, test_crash_recovery.py) ----------------------------------------
+COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
+
+
+@pytest.fixture(scope="session")
+def counter(session_store, criu):
+    """tests/apps/counter, built once: a copy with state (a counter served over HTTP)."""
+    from pool.build import build  # noqa: PLC0415
+    from pool.spec import load_spec  # noqa: PLC0415
+
+    return build(load_spec(COUNTER), session_store, criu).template
 
 
 @pytest.fixture
-def service(session_store, py_hello, tmp_path):
-    """start(config) -> LocalService on the session store; every started service is stopped."""
-    started = []
+def pool_lab(session_store, counter, tmp_path):
+    """start(store_root=None, **kw) -> a running PoolLab on a fresh NetLab(3)."""
+    from netlab import NetLab  # noqa: PLC0415
+    from poollab import PoolLab  # noqa: PLC0415
 
-    def start(config: str = "[templates.py-hello]\nmin_warm = 2\nmax_live = 32\n", **kw):
-        svc = LocalService(session_store.root, tmp_path, config, **kw)
-        started.append(svc)
-        return svc
+    made = []
+
+    def start(store_root=None, **kw):
+        lab = NetLab(3).__enter__()
+        made.append(lab)
+        pl = PoolLab(lab, store_root or session_store.root, tmp_path / "pool", **kw)
+        made.append(pl)
+        return pl.start()
 
     yield start
-    for svc in started:
-        svc.stop()
+    for x in reversed(made):
+        if isinstance(x, PoolLab):
+            x.close()
+        else:
+            x.cleanup()

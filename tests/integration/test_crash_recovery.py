@@ -21,7 +21,6 @@ from pool.criu import become_subreaper
 from pool.demo import PROBES, LocalService, ask
 from pool.errors import PoolError
 from servicelab import copies_of, wait_until
-from test_nodes import counter, pool_lab  # noqa: F401  (fixtures, shared with test_nodes)
 
 pytestmark = pytest.mark.integration
 CONFIG = "[templates.py-hello]\nmin_warm = {warm}\n[service]\nexited_history = 0\n{extra}"

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from netlab import NetLab
 from pool import protocol as P
 from pool.build import build
 from pool.errors import NodeUnavailable, TemplateCorrupt
@@ -35,36 +34,11 @@ COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
 
 
 @pytest.fixture(scope="module")
-def counter(session_store, criu):
-    return build(load_spec(COUNTER), session_store, criu).template
-
-
-@pytest.fixture(scope="module")
 def counter_big(session_store, criu):
     """counter with 48 MB of ballast: a transfer that takes long enough to interrupt."""
     spec = load_spec(COUNTER)
     spec = dataclasses.replace(spec, name="counter-big", env=spec.env + (("BALLAST_MB", "48"),))
     return build(spec, session_store, criu).template
-
-
-@pytest.fixture
-def pool_lab(session_store, counter, tmp_path):
-    """start(store_root=None, **kw) -> a running PoolLab on a fresh NetLab(3)."""
-    made = []
-
-    def start(store_root=None, **kw):
-        lab = NetLab(3).__enter__()
-        made.append(lab)
-        pl = PoolLab(lab, store_root or session_store.root, tmp_path / "pool", **kw)
-        made.append(pl)
-        return pl.start()
-
-    yield start
-    for x in reversed(made):
-        if isinstance(x, PoolLab):
-            x.close()
-        else:
-            x.cleanup()
 
 
 def published(pl: PoolLab, host: str) -> list[str]:
