@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .builds import current_build
 from . import criu, journal
 from .errors import InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound
 from .faults import handover_counts_against_template
@@ -354,7 +353,7 @@ class NodeRuntime:
             if must_exist:
                 raise
             log.warning("template %s: %s", name, e.message)
-        build = current_build(self.cfg.store, name)
+        build = self.restorer.store.current_build_id(name)
         settings = self.cfg.templates.get(name, self.cfg.defaults)
         pool = WarmPool(name, settings, lambda: self._restore_copy(name), self._discard,
                         request_refill=lambda: self._events.put_nowait(("refill", name)),
@@ -389,7 +388,7 @@ class NodeRuntime:
 
     def _notice_build(self, name: str, pool: WarmPool) -> None:
         try:
-            build = current_build(self.cfg.store, name)
+            build = self.restorer.store.current_build_id(name)
         except OSError as e:  # the store is unreadable right now: keep what we have
             log.warning("template %s: reading its current build: %s", name, e.strerror)
             return

@@ -464,12 +464,13 @@ def test_a_build_that_vanished_makes_the_pool_unbuilt_and_waiters_learn_it():
 
 
 def test_current_build_is_one_readlink_of_the_stores_current_link(tmp_path):
-    from pool.builds import current_build
+    from pool.store import Store
 
-    assert current_build(tmp_path, "t") is None                 # never built
+    store = Store(tmp_path)
+    assert store.current_build_id("t") is None                  # never built
     (tmp_path / "t" / "builds" / "20261130-abc").mkdir(parents=True)
-    assert current_build(tmp_path, "t") is None                 # staged, not published
+    assert store.current_build_id("t") is None                  # staged, not published
     (tmp_path / "t" / "current").symlink_to("builds/20261130-abc")
-    assert current_build(tmp_path, "t") == "20261130-abc"
+    assert store.current_build_id("t") == "20261130-abc"
     (tmp_path / "u").write_text("not a template")
-    assert current_build(tmp_path, "u") is None
+    assert store.current_build_id("u") is None
