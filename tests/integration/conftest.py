@@ -86,9 +86,10 @@ def restorer(session_store, criu, tmp_path):
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def counter(session_store, criu):
-    """tests/apps/counter, built once: a copy with state (a counter served over HTTP)."""
+    """tests/apps/counter, a copy with state (a counter served over HTTP). Built per module: some
+    modules build variants of it into the same store, so a session-wide build would go stale."""
     from pool.build import build  # noqa: PLC0415
     from pool.spec import load_spec  # noqa: PLC0415
 

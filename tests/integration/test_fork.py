@@ -10,19 +10,11 @@ import pytest
 
 from netlab import NetLab
 from pool import netns, transfer
-from pool.build import build
 from pool.compat import node_facts
 from pool.fork import checkpoint_instance
 from pool.restore import Identity, Restorer
-from pool.spec import load_spec
 from pool.store import Store
 
-COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
-
-
-@pytest.fixture(scope="module")
-def counter(session_store, criu):
-    return build(load_spec(COUNTER), session_store, criu).template
 
 
 def ask(inst, path: str = "/") -> dict:
