@@ -19,7 +19,7 @@ integration: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m pool.demo
+	$(PY) -m pool.cli.demo
 
 bench: setup
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/results/latest.json

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pool.build import build
-from pool.criu import Criu
-from pool.spec import load_spec
-from pool.store import Store
+from pool.templates.build import build
+from pool.cr.criu import Criu
+from pool.templates.spec import load_spec
+from pool.templates.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = os.environ.get("BENCH_QUICK") == "1"

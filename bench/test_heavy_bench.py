@@ -40,12 +40,16 @@ from pathlib import Path
 import pytest
 from conftest import QUICK, ROOT
 
-from pool import control, netns, sandbox
-from pool.build import app_environment
-from pool.criu import RestoreOptions, become_subreaper
-from pool.demo import LocalService
-from pool.restore import Identity, Restorer, new_instance_id
-from pool.spec import load_spec
+from pool.wire import control
+
+from pool.cr import netns
+
+from pool.cr import sandbox
+from pool.templates.build import app_environment
+from pool.cr.criu import RestoreOptions, become_subreaper
+from pool.cli.demo import LocalService
+from pool.copies.restore import Identity, Restorer, new_instance_id
+from pool.templates.spec import load_spec
 
 TEMPLATES = ("jvm-app", "py-embed", "node-app")
 N = {"cold": 2, "criu-cli": 2, "spawn-miss": 2, "spawn-warm": 3, "peer": 2, "lazy": 2} if QUICK else \
@@ -57,8 +61,8 @@ POLL_S = 0.005
 ANSWER_TIMEOUT = 300.0
 
 
-# What a correct answer is, per template: shared with `make demo` (pool/demo.py).
-from pool.demo import PROBES, Probe  # noqa: E402
+# What a correct answer is, per template: shared with `make demo` (pool/cli/demo.py).
+from pool.cli.demo import PROBES, Probe  # noqa: E402
 
 
 class NotReady(Exception):

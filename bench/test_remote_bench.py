@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from conftest import ROOT, rounds
-from pool.store import Store
+from pool.templates.store import Store
 
 sys.path.insert(0, str(ROOT / "tests"))
 from netlab import NetLab  # noqa: E402

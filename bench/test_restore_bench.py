@@ -1,5 +1,5 @@
 """Restore-to-ready latency (restore + identity handshake + first HTTP answer) and restore throughput
-at concurrency 1, 2, 4 and 8, for py-hello, through pool.restore directly (no service)."""
+at concurrency 1, 2, 4 and 8, for py-hello, through pool.copies.restore directly (no service)."""
 from __future__ import annotations
 
 import time
@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import QUICK, rounds
-from pool import netns
-from pool.restore import Identity, Restorer, new_instance_id
+from pool.cr import netns
+from pool.copies.restore import Identity, Restorer, new_instance_id
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from conftest import QUICK
-from pool.demo import LocalService
+from pool.cli.demo import LocalService
 from pool.errors import PoolError
 
 NAME = "py-hello"

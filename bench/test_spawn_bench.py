@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT, rounds
-from pool.demo import LocalService, cold_start
-from pool.spec import load_spec
+from pool.cli.demo import LocalService, cold_start
+from pool.templates.spec import load_spec
 
 NAME = "py-hello"
 ROUNDS = {"warm": rounds(50), "restore": rounds(10), "cold": rounds(5)}

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, ROOT, rounds
-from pool import netns, transfer
-from pool.build import build
-from pool.fork import checkpoint_instance, checkpoint_instance_lazy, restore_lazy
-from pool.restore import Identity, Restorer
-from pool.spec import load_spec
-from pool.store import Store
+from pool.cr import netns
+from pool.templates import transfer
+from pool.templates.build import build
+from pool.copies.fork import checkpoint_instance, checkpoint_instance_lazy, restore_lazy
+from pool.copies.restore import Identity, Restorer
+from pool.templates.spec import load_spec
+from pool.templates.store import Store
 
 sys.path.insert(0, str(ROOT / "tests"))
 from netlab import NetLab  # noqa: E402

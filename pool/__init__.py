@@ -20,11 +20,11 @@ __all__ = sorted(_FROM_CLIENT | _FROM_ERRORS | {"errors"})
 
 def __getattr__(name: str) -> Any:
     if name in _FROM_CLIENT:
-        from . import client  # noqa: PLC0415
+        from pool import client  # noqa: PLC0415
 
         return getattr(client, name)
     if name in _FROM_ERRORS:
-        from . import errors  # noqa: PLC0415
+        from pool import errors  # noqa: PLC0415
 
         return getattr(errors, name)
     if name == "errors":

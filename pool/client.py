@@ -1,5 +1,5 @@
 """Clients of the pool service: `pool.spawn()`, the blocking `Client`, the asyncio `AsyncClient`, and the
-`Instance` handle they return (client side; pool.instance.Instance is the service's own record).
+`Instance` handle they return (client side; pool.copies.instance.Instance is the service's own record).
 
     import pool
     inst = pool.spawn("py-hello", env={"GREETING": "hi"}, args=["--fast"])
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .errors import NodeUnavailable
+from pool import config
+from pool.errors import NodeUnavailable
 
 SPAWN_SLACK = 5.0  # seconds the RPC call may take beyond the spawn's own timeout
 
@@ -91,7 +91,7 @@ class Client:
         self._rpc = self._connect()
 
     def _connect(self) -> Any:
-        from .rpc import SyncRpcClient  # noqa: PLC0415
+        from pool.wire.rpc import SyncRpcClient  # noqa: PLC0415
 
         try:
             if self._tcp:
@@ -111,8 +111,8 @@ class Client:
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = 60.0) -> Any:
-        from .errors import ProtocolError  # noqa: PLC0415
-        from .rpc import idle_close  # noqa: PLC0415
+        from pool.errors import ProtocolError  # noqa: PLC0415
+        from pool.wire.rpc import idle_close  # noqa: PLC0415
 
         if self._rpc.closed_as_idle():  # the server closed it while we were idle: open a new one
             self._reconnect()
@@ -222,7 +222,7 @@ class AsyncClient:
         return client
 
     async def _connect(self) -> Any:
-        from .rpc import RpcClient  # noqa: PLC0415
+        from pool.wire.rpc import RpcClient  # noqa: PLC0415
 
         try:
             if self._tcp:
@@ -241,7 +241,7 @@ class AsyncClient:
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = 60.0) -> Any:
-        from .rpc import idle_close  # noqa: PLC0415
+        from pool.wire.rpc import idle_close  # noqa: PLC0415
 
         if await self._rpc.closed_as_idle():
             await self._reconnect()

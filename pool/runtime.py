@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import control
+from pool.wire import control
 
 _before: list[Callable[[], None]] = []
 _after: list[Callable[["Identity"], None]] = []

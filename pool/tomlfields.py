@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .errors import SpecError
+from pool.errors import SpecError
 
 REQUIRED: Any = object()
 

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 
-from pool import netns as pnetns
+from pool.cr import netns as pnetns
 
 PREFIX = "pool-test-"
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]{{4}}-")

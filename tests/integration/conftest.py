@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pool.criu import Criu
-from pool.demo import LocalService
-from pool.store import Store
+from pool.cr.criu import Criu
+from pool.cli.demo import LocalService
+from pool.templates.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"
@@ -41,8 +41,8 @@ def session_store(session_dir) -> Store:
 @pytest.fixture(scope="session")
 def built(session_store, criu):
     """Build a template from templates/ once per session: built('py-hello') -> Template."""
-    from pool.build import build
-    from pool.spec import load_spec
+    from pool.templates.build import build
+    from pool.templates.spec import load_spec
 
     cache = {}
 
@@ -77,7 +77,7 @@ def service(session_store, py_hello, tmp_path):
 
 @pytest.fixture
 def restorer(session_store, criu, tmp_path):
-    from pool.restore import Restorer
+    from pool.copies.restore import Restorer
 
     return Restorer(session_store, criu, tmp_path / "run")
 
@@ -90,8 +90,8 @@ COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
 def counter(session_store, criu):
     """tests/apps/counter, a copy with state (a counter served over HTTP). Built per module: some
     modules build variants of it into the same store, so a session-wide build would go stale."""
-    from pool.build import build  # noqa: PLC0415
-    from pool.spec import load_spec  # noqa: PLC0415
+    from pool.templates.build import build  # noqa: PLC0415
+    from pool.templates.spec import load_spec  # noqa: PLC0415
 
     return build(load_spec(COUNTER), session_store, criu).template
 

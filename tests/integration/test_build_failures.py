@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pool import cli
-from pool.build import build
+from pool.cli.main import main
+from pool.templates.build import build
 from pool.errors import BuildError, TemplateNotFound
-from pool.restore import Restorer
-from pool.spec import load_spec
+from pool.copies.restore import Restorer
+from pool.templates.spec import load_spec
 
 NAME = "app"
 

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from pool.client import Instance
-from pool.criu import become_subreaper
-from pool.demo import PROBES, LocalService, ask
+from pool.cr.criu import become_subreaper
+from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import PoolError
 from servicelab import copies_of, wait_until
 
@@ -256,8 +256,8 @@ def end_offset(c, iid: str) -> int:
 
 
 def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
-    from pool.build import build
-    from pool.spec import load_spec
+    from pool.templates.build import build
+    from pool.templates.spec import load_spec
 
     folder = tmp_path / "chatty"
     folder.mkdir()

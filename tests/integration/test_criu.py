@@ -1,4 +1,4 @@
-"""pool/criu.py against the real CRIU: dump and restore a real process, and the error paths."""
+"""pool/cr/criu.py against the real CRIU: dump and restore a real process, and the error paths."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pool.criu import Criu, CriuVersion, RestoreOptions, become_subreaper
+from pool.cr.criu import Criu, CriuVersion, RestoreOptions, become_subreaper
 from pool.errors import CriuFailed, CriuUnavailable
 
 # Counts in memory and prints each value: a restored copy must continue from where the dump left it.

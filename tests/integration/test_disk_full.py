@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from pool import netns, transfer
-from pool.build import build
+from pool.cr import netns
+
+from pool.templates import transfer
+from pool.templates.build import build
 from pool.errors import BuildError, TemplateNotFound, TransferError
-from pool.restore import Identity, Restorer
-from pool.spec import Spec, load_spec
-from pool.store import Store
+from pool.copies.restore import Identity, Restorer
+from pool.templates.spec import Spec, load_spec
+from pool.templates.store import Store
 
 pytestmark = pytest.mark.integration
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"

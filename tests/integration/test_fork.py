@@ -8,11 +8,12 @@ import json
 import pytest
 
 from netlab import NetLab
-from pool import netns, transfer
-from pool.compat import node_facts
-from pool.fork import checkpoint_instance
-from pool.restore import Identity, Restorer
-from pool.store import Store
+from pool.cr import netns
+from pool.templates import transfer
+from pool.templates.compat import node_facts
+from pool.copies.fork import checkpoint_instance
+from pool.copies.restore import Identity, Restorer
+from pool.templates.store import Store
 
 
 

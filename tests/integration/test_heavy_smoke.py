@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pool import netns
-from pool.build import build
-from pool.restore import Identity, Restorer
-from pool.spec import load_spec
+from pool.cr import netns
+from pool.templates.build import build
+from pool.copies.restore import Identity, Restorer
+from pool.templates.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"

@@ -18,9 +18,9 @@ import msgpack
 import psutil
 import pytest
 
-from pool import protocol as P
+from pool.wire import protocol as P
 from pool.config import Limits
-from pool.demo import PROBES, ask
+from pool.cli.demo import PROBES, ask
 from pool.errors import BadRequest, NoCapacity
 from servicelab import cli, wait_until
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pool import netns
-from pool.build import build
+from pool.cr import netns
+from pool.templates.build import build
 from pool.errors import RestoreError
-from pool.fork import checkpoint_instance_lazy, restore_lazy
-from pool.restore import Identity
-from pool.spec import load_spec
+from pool.copies.fork import checkpoint_instance_lazy, restore_lazy
+from pool.copies.restore import Identity
+from pool.templates.spec import load_spec
 
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")

@@ -16,10 +16,10 @@ from test_build_failures import (
     write_template,
 )
 
-from pool.build import build
+from pool.templates.build import build
 from pool.errors import BuildError, RestoreError
-from pool.restore import Restorer
-from pool.spec import load_spec
+from pool.copies.restore import Restorer
+from pool.templates.spec import load_spec
 
 
 def build_app(tmp_path, store, criu, app: str, **kw):

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from pool.demo import LocalService
+from pool.cli.demo import LocalService
 
 pytestmark = pytest.mark.integration
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from pool import protocol as P
-from pool.build import build
+from pool.wire import protocol as P
+from pool.templates.build import build
 from pool.errors import NodeUnavailable, TemplateCorrupt
-from pool.spec import load_spec
-from pool.store import Store
+from pool.templates.spec import load_spec
+from pool.templates.store import Store
 from poollab import AGENT_PORT, PoolLab
 
 pytestmark = pytest.mark.integration

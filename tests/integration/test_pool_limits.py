@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from pool.demo import PROBES, LocalService, ask
+from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import BadRequest, NoCapacity, PoolError, TemplateNotFound
 from servicelab import POOL, cli, copies_of, wait_until
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pool.build import build
+from pool.templates.build import build
 from pool.errors import Incompatible, RestoreError, TemplateCorrupt
-from pool.portproxy import PortProxy
-from pool.restore import Identity, Restorer
-from pool.spec import load_spec
-from pool.store import MANIFEST
+from pool.copies.portproxy import PortProxy
+from pool.copies.restore import Identity, Restorer
+from pool.templates.spec import load_spec
+from pool.templates.store import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 

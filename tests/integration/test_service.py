@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import pool
-from pool.demo import PROBES, LocalService, ask
+from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, NodeUnavailable, Quarantined
 from servicelab import POOL, cli, copies_of, wait_until
 
@@ -190,8 +190,8 @@ sys.exit(3)
 
 
 def test_quarantine_of_a_template_whose_copies_die_right_after_restore(store, criu, tmp_path):
-    from pool.build import build
-    from pool.spec import load_spec
+    from pool.templates.build import build
+    from pool.templates.spec import load_spec
 
     folder = tmp_path / "dies-fast"
     folder.mkdir()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pool import netns
-from pool.build import build
+from pool.cr import netns
+from pool.templates.build import build
 from pool.errors import TemplateCorrupt, TemplateNotFound
-from pool.restore import Identity, Restorer
-from pool.spec import load_spec
+from pool.copies.restore import Identity, Restorer
+from pool.templates.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_tampered_image_is_refused(tmp_path, store, criu):
 
 
 def test_unknown_template():
-    from pool.store import Store
+    from pool.templates.store import Store
 
     with pytest.raises(TemplateNotFound):
         Store(Path("/nonexistent-store")).get("nope")

@@ -3,7 +3,7 @@ import asyncio
 import os
 import threading
 
-from pool import control
+from pool.wire import control
 
 
 def test_a_frame_larger_than_the_pipe_is_written_without_blocking_the_loop():

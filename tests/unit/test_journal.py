@@ -1,4 +1,4 @@
-"""The journal of copies (pool/journal.py) and the capped logs of a copy (Instance.rotate_logs),
+"""The journal of copies (pool/copies/journal.py) and the capped logs of a copy (Instance.rotate_logs),
 on real files and real (sleep) processes."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pool import journal
-from pool.instance import Instance
+from pool.copies import journal
+from pool.copies.instance import Instance
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 import pool
 from pool import errors
-from pool import protocol as P
-from pool.rpc import InternalError, RequestTimeout, RpcClient, RpcServer, SyncRpcClient
+from pool.wire import protocol as P
+from pool.wire.rpc import InternalError, RequestTimeout, RpcClient, RpcServer, SyncRpcClient
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 # libuv opens a process-wide pipe with its first loop and keeps it; open it now, not inside a test
@@ -172,7 +172,7 @@ def test_typed_errors_round_trip(arun, tmp_path, caplog):
                 await client.call("info", {"id": "huge"})
             assert await client.call("ping") == "pong"
         await server.close()
-    with caplog.at_level(logging.ERROR, logger="pool.rpc"):
+    with caplog.at_level(logging.ERROR, logger="pool.wire.rpc"):
         arun(main())
     assert len([r for r in caplog.records if "cannot be sent" in r.getMessage()]) == 2
     bug = [r for r in caplog.records if "handler failed" in r.getMessage()]
@@ -537,7 +537,7 @@ def test_sync_client_left_to_the_gc_closes_its_connection_quietly(threaded_serve
 
 def test_a_script_that_never_closes_its_client_exits_silently(threaded_server):
     _, path, _ = threaded_server
-    script = ("import sys\nfrom pool.rpc import SyncRpcClient\n"
+    script = ("import sys\nfrom pool.wire.rpc import SyncRpcClient\n"
               "c = SyncRpcClient.connect_unix(sys.argv[1], sys.argv[2])\nassert c.call('ping') == 'pong'\n")
     r = subprocess.run([sys.executable, "-c", script, str(path), TOKEN], capture_output=True, text=True,
                        timeout=60)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool.errors import Incompatible, NoCapacity, NodeUnavailable
-from pool.scheduler import Choice, NodeView, choose_node
+from pool.cluster.scheduler import Choice, NodeView, choose_node
 
 T = "py-hello"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pool.errors import SpecError
-from pool.service_config import load_config, read_token
+from pool.cluster.config import load_config, read_token
 
 
 def write(tmp_path: Path, text: str) -> Path:

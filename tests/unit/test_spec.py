@@ -1,4 +1,4 @@
-"""pool.spec: parsing, defaults, every validation rule (with the field it names), digest, lookup."""
+"""pool.templates.spec: parsing, defaults, every validation rule (with the field it names), digest, lookup."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pool.errors import SpecError, TemplateNotFound
-from pool.spec import HOST_MODE_PROBLEM, Ready, find_template_dir, load_spec
+from pool.templates.spec import HOST_MODE_PROBLEM, Ready, find_template_dir, load_spec
 
 MIN = 'command = ["python", "app.py"]\n[ready]\nsdk = true\n'
 

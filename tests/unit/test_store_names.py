@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pool import store
+from pool.templates import store
 from pool.errors import TemplateNotFound
-from pool.spec import NAME_RE
+from pool.templates.spec import NAME_RE
 
 LONGEST = "a" * 63
 

@@ -12,10 +12,12 @@ import zlib
 import pytest
 import zstandard
 
-from pool import protocol, transfer
-from pool.compat import NodeFacts
+from pool.wire import protocol
+
+from pool.templates import transfer
+from pool.templates.compat import NodeFacts
 from pool.errors import AuthError, Incompatible, TemplateCorrupt, TemplateNotFound, TransferError
-from pool.store import MANIFEST, Store, manifest_problem, new_build_id
+from pool.templates.store import MANIFEST, Store, manifest_problem, new_build_id
 
 FACTS = NodeFacts(arch="x86_64", kernel="6.18.44", criu_version="4.2.1")
 

@@ -1,5 +1,5 @@
 """WarmPool's logic with fakes: a restore coroutine that makes numbered copies (or fails), a fake
-clock. No CRIU, no processes. Also the classification of failures (pool.faults)."""
+clock. No CRIU, no processes. Also the classification of failures (pool.node.faults)."""
 import asyncio
 import errno
 
@@ -7,8 +7,8 @@ import pytest
 
 from pool.errors import (BadRequest, CriuFailed, CriuUnavailable, NoCapacity, NodeUnavailable,
                          Quarantined, RestoreError, TemplateNotFound)
-from pool.faults import counts_against_template, handover_counts_against_template
-from pool.warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
+from pool.node.faults import counts_against_template, handover_counts_against_template
+from pool.node.warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
 
 
 class Clock:
@@ -464,7 +464,7 @@ def test_a_build_that_vanished_makes_the_pool_unbuilt_and_waiters_learn_it():
 
 
 def test_current_build_is_one_readlink_of_the_stores_current_link(tmp_path):
-    from pool.store import Store
+    from pool.templates.store import Store
 
     store = Store(tmp_path)
     assert store.current_build_id("t") is None                  # never built

@@ -1,0 +1,1 @@
+"""The `pool` command: one module per group of verbs, plus `make demo`."""

@@ -1,0 +1,113 @@
+"""`pool agent`: one node's runtime (template cache, restorer, warm pools, copies) behind TCP, for a
+coordinator (`pool serve` with `[nodes.NAME]`) to schedule onto.
+
+It speaks the same msgpack protocol as the service; every connection must authenticate with the
+node's token before anything else is read (rpc.RpcServer). It answers the node methods
+(protocol.NODE_METHODS): spawn and the instance calls, `facts`, `fetch_template` (it pulls from the
+coordinator's TemplateSource, with its own token) and the fork methods (nodeops.py).
+
+Copies' ports are published on the agent's listen address, so clients on other machines reach them.
+Phases as in the service: start, serve (until SIGTERM/SIGINT), drain, stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from pool.fds import raise_nofile_limit
+from pool.cluster.config import ServiceConfig, read_token
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, cfg: ServiceConfig, listen: tuple[str, int], token: str,
+                 name: str = "agent") -> None:
+        self.cfg = cfg
+        self.listen = listen
+        self.token = token
+        self.name = name
+        self.runtime = None
+        self.ops = None
+        self.address: tuple[str, int] | None = None
+        self._rpc = None
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+        from pool.cluster.metrics import Metrics  # noqa: PLC0415
+        from pool.node.runtime import NodeRuntime  # noqa: PLC0415
+        from pool.node.ops import NodeOps  # noqa: PLC0415
+        from pool.wire.rpc import RpcServer  # noqa: PLC0415
+
+        self._loop = loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        host = self.listen[0]
+        self.runtime = NodeRuntime(self.cfg, Metrics(CollectorRegistry()), name=self.name,
+                                   publish_host=host)
+        try:
+            await self.runtime.start()
+            self.ops = NodeOps(self.runtime, host=host, token=self.token)
+            self._rpc = RpcServer(self.handle, tokens={self.token}, name=f"pool-agent {self.name}",
+                                  **self.cfg.connection_limits())
+            self.address = await self._rpc.start_tcp(*self.listen)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("agent %s listening on %s:%d; store %s", self.name, *self.address, self.cfg.store)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self._stop.is_set():
+            log.info("%s: draining (again to force)", signal.Signals(sig).name)
+            self._stop.set()
+        else:
+            self._force.set()
+            self.runtime.end_live(force=True)
+
+    async def handle(self, method: str, params: dict, ctx) -> Any:
+        from pool.errors import BadRequest  # noqa: PLC0415
+        from pool.wire.protocol import NODE_METHODS  # noqa: PLC0415
+
+        if method not in NODE_METHODS:
+            raise BadRequest(f"{method} is a coordinator method; this is a node agent",
+                             method=method)
+        return await self.ops.handle(method, params)
+
+    async def stop(self) -> None:
+        if self._rpc is not None:
+            await self._rpc.close()
+            self._rpc = None
+        if self.ops is not None:
+            await self.ops.close()
+        if self.runtime is not None:
+            await self.runtime.stop()
+        if self._loop is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.remove_signal_handler(sig)
+        log.info("agent stopped")
+
+    async def run(self) -> int:
+        await self.start()
+        try:
+            await self._stop.wait()
+            self._rpc.stop_accepting()
+            await self.runtime.drain(self._force)
+        finally:
+            await self.stop()
+        return 0
+
+
+def run_agent(cfg: ServiceConfig, listen: tuple[str, int], token_file, name: str) -> int:
+    import uvloop  # noqa: PLC0415
+
+    from pathlib import Path  # noqa: PLC0415
+
+    token = read_token(Path(token_file))
+    raise_nofile_limit()
+    return uvloop.run(Agent(cfg, listen, token, name).run())

@@ -1,0 +1,339 @@
+"""The pool service (`pool serve`): the coordinator. RPC API, scheduling across nodes, metrics.
+
+Its nodes: the embedded local node (node.NodeRuntime + nodeops.NodeOps, unless `local_node =
+false`) and the `pool agent`s of `[nodes.NAME]` (cluster.RemoteNode). A spawn picks a node with
+scheduler.choose_node (healthy, compatible, template cached first, then free capacity), ships the
+template there first if it lacks it, and is answered by that node; the reply names the node. Calls
+about an instance (kill, wait, info, logs) go to the node it lives on (cluster.routes).
+
+Phases, each an explicit method: start() (local node, cluster, RPC listeners, metrics), serve()
+(until SIGTERM/SIGINT), drain() (stop accepting, finish in-flight spawns, then the local node drains:
+refills stop, warm copies and live instances are killed or left), stop() (close listeners, nodes,
+metrics). run() is all four. Remote nodes keep their instances when the coordinator stops.
+Signals are handled on the loop (loop.add_signal_handler): a first one drains, a second forces.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from pool.errors import NodeUnavailable, PoolError
+from pool.fds import raise_nofile_limit
+from pool.cluster.config import ServiceConfig, read_token
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.runtime = None                    # node.NodeRuntime of the local node, if any
+        self.cluster = None                    # cluster.Cluster
+        self.metrics = None
+        self.metrics_server = None
+        self.socket_path: Path | None = None
+        self.tcp_address: tuple[str, int] | None = None
+        self._rpcs: list = []
+        self._stop_requested = asyncio.Event()
+        self._force = asyncio.Event()
+        self._draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._started = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- phase 1: start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+        from pool.cluster.nodes import Cluster, LocalNode, RemoteNode  # noqa: PLC0415
+        from pool.cluster.metrics import Metrics, MetricsServer  # noqa: PLC0415
+        from pool.node.runtime import NodeRuntime  # noqa: PLC0415
+        from pool.node.ops import NodeOps  # noqa: PLC0415
+        from pool.wire.rpc import RpcServer  # noqa: PLC0415
+        from pool.templates.store import Store  # noqa: PLC0415
+
+        cfg = self.cfg
+        self._loop = loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        tokens = {read_token(cfg.token_file)} if cfg.tcp and cfg.token_file else None
+        node_tokens = {n.name: read_token(n.token_file) for n in cfg.nodes.values()}
+        self.metrics = Metrics(CollectorRegistry())
+        try:
+            if cfg.metrics:
+                self.metrics_server = MetricsServer(self.metrics.registry, *cfg.metrics)
+            local = None
+            if cfg.local_node:
+                self.runtime = NodeRuntime(cfg, self.metrics)
+                await self.runtime.start()
+                local = LocalNode(NodeOps(self.runtime, host=self._source_host()))
+            remotes = [RemoteNode(n.name, n.address, node_tokens[n.name], cfg.heartbeat_s)
+                       for n in cfg.nodes.values()]
+            self.cluster = Cluster(Store(cfg.store), local, remotes, self._source_host())
+            await self.cluster.start(set(node_tokens.values()),
+                                     cfg.source[1] if cfg.source else 0)
+            unix = RpcServer(self.handle, name="prewarm-pool", **cfg.connection_limits())
+            self._rpcs.append(unix)
+            self.socket_path = await unix.start_unix(cfg.socket, mode=0o660)
+            if cfg.tcp:
+                tcp = RpcServer(self.handle, tokens=tokens, name="prewarm-pool", **cfg.connection_limits())
+                self._rpcs.append(tcp)
+                self.tcp_address = await tcp.start_tcp(*cfg.tcp)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("serving on %s%s%s; store %s; nodes: %s", self.socket_path,
+                 f", tcp {self.tcp_address[0]}:{self.tcp_address[1]}" if self.tcp_address else "",
+                 f", metrics http://{self.metrics_server.address}/metrics" if self.metrics_server else "",
+                 cfg.store, ", ".join(self.cluster.nodes) or "none")
+
+    def _source_host(self) -> str:
+        """Where agents fetch templates from us: [service] source, else the TCP listener's host."""
+        if self.cfg.source:
+            return self.cfg.source[0]
+        return self.cfg.tcp[0] if self.cfg.tcp else "127.0.0.1"
+
+    # -- phase 2: serve ---------------------------------------------------------------------------
+    async def serve(self) -> None:
+        await self._stop_requested.wait()
+
+    def request_stop(self) -> None:
+        """What a first SIGTERM does; a second one (or force=True) skips the graceful parts."""
+        self._on_signal(signal.SIGTERM)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self._stop_requested.is_set():
+            log.info("%s: draining (again to force)", signal.Signals(sig).name)
+            self._stop_requested.set()
+        elif not self._force.is_set():
+            log.info("%s again: forcing the shutdown", signal.Signals(sig).name)
+            self._force.set()
+            if self.runtime is not None:
+                self.runtime.end_live(force=True)
+
+    # -- phase 3: drain ---------------------------------------------------------------------------
+    async def drain(self) -> None:
+        from pool.node.runtime import until  # noqa: PLC0415
+
+        self._draining = True
+        for rpc in self._rpcs:
+            rpc.stop_accepting()
+        # One deadline for the whole drain, and the local node stops refilling now, not after the
+        # spawns in flight are done: nothing is restored for copies that would only be killed.
+        deadline = self._loop.time() + self.cfg.drain_timeout
+        if self.runtime is not None:
+            self.runtime.begin_drain()
+        if self._inflight:  # spawns routed to any node; the local node then drains its own
+            self._idle.clear()
+            await until(self._idle.wait(), self.cfg.drain_timeout, self._force)
+        if self.runtime is not None:
+            await self.runtime.drain(self._force, deadline)
+
+    # -- phase 4: stop ----------------------------------------------------------------------------
+    async def stop(self) -> None:
+        for rpc in self._rpcs:
+            await rpc.close()  # cancels connections; a spawn cut short kills its copy
+        self._rpcs.clear()
+        if self.cluster is not None:
+            if self.cluster.local is not None:
+                await self.cluster.local.ops.close()
+            await self.cluster.close()
+        if self.runtime is not None:
+            await self.runtime.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        if self._loop is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+    async def run(self) -> int:
+        await self.start()
+        try:
+            await self.serve()
+            await self.drain()
+        finally:
+            await self.stop()
+        return 0
+
+    # -- RPC --------------------------------------------------------------------------------------
+    async def handle(self, method: str, params: dict, ctx) -> Any:
+        from pool.wire.protocol import COORDINATOR_METHODS  # noqa: PLC0415
+
+        if method not in COORDINATOR_METHODS:
+            from pool.errors import BadRequest  # noqa: PLC0415
+            raise BadRequest(f"{method} is a node method; the coordinator does not serve it",
+                             method=method)
+        return await getattr(self, f"rpc_{method}")(**params)
+
+    async def rpc_ping(self) -> dict:
+        return {"pong": True, "pid": os.getpid(), "node": "coordinator",
+                "draining": self._draining}
+
+    async def rpc_spawn(self, template: str, env: dict, args: list, timeout: float,
+                        node: str | None, hostname: str | None) -> dict:
+        from pool.cluster.nodes import CALL_SLACK  # noqa: PLC0415
+        from pool.cluster.scheduler import choose_node  # noqa: PLC0415
+
+        if self._draining:
+            raise NodeUnavailable("the pool service is shutting down")
+        t0 = time.perf_counter()
+        self._inflight += 1
+        try:
+            choice = choose_node(self.cluster.views(template), template,
+                                 prefer=None if node in (None, "") else node)
+            n = self.cluster.node(choice.node)
+            shipped = None
+            if not choice.cached:  # a first spawn on a node that lacks the template ships it
+                shipped = await self.cluster.ensure_template(n, template, max(timeout, 60.0))
+            left = max(1.0, timeout - (time.perf_counter() - t0))
+            if n.remote:
+                n.spawning += 1
+            try:
+                r = await n.call("spawn", {"template": template, "env": env, "args": args,
+                                           "timeout": left, "hostname": hostname},
+                                 left + CALL_SLACK)
+            finally:
+                if n.remote:
+                    n.spawning -= 1
+            if n.remote:
+                n.placed += 1
+            self.cluster.routes[r["id"]] = n.name
+            r["node"] = n.name
+            r["total_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            if shipped is not None:
+                r["shipped"] = shipped
+            if choice.skipped:
+                r["skipped"] = choice.skipped
+            return r
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _on_node(self, method: str, iid: str, params: dict, timeout: float | None) -> Any:
+        n = await self.cluster.locate(iid)
+        r = await n.call(method, {"id": iid, **params}, timeout)
+        if isinstance(r, dict):
+            r["node"] = n.name
+        return r
+
+    async def rpc_kill(self, id: str, grace: float) -> dict:  # noqa: A002
+        return await self._on_node("kill", id, {"grace": grace}, grace + 30)
+
+    async def rpc_wait(self, id: str, timeout: float | None) -> dict:  # noqa: A002
+        return await self._on_node("wait", id, {"timeout": timeout},
+                                   None if timeout is None else timeout + 5)
+
+    async def rpc_info(self, id: str) -> dict:  # noqa: A002
+        return await self._on_node("info", id, {}, 30)
+
+    async def rpc_logs(self, id: str, stream: str, offset: int, limit: int) -> dict:  # noqa: A002
+        return await self._on_node("logs", id, {"stream": stream, "offset": offset,
+                                                "limit": limit}, 30)
+
+    async def rpc_list(self, template: str | None) -> list:
+        """Instances on every reachable node (a node that is down is left out)."""
+        nodes = [n for n in self.cluster.nodes.values() if n.healthy]
+        replies = await asyncio.gather(*(n.call("list", {"template": template}, 10) for n in nodes),
+                                       return_exceptions=True)
+        out = []
+        for n, rows in zip(nodes, replies, strict=True):
+            if isinstance(rows, PoolError):
+                log.warning("list: node %s: %s", n.name, rows.message)
+                continue
+            if isinstance(rows, BaseException):
+                raise rows
+            for row in rows:
+                row["node"] = n.name
+                self.cluster.routes.setdefault(row["id"], n.name)
+            out.extend(rows)
+        return out
+
+    async def rpc_templates(self) -> list:
+        rows = await self.cluster.local.call("templates") if self.cluster.local else [
+            {"name": t.name, "build_id": t.build_id, "image_bytes": t.image_bytes, "pool": None}
+            for t in self.cluster.store.all()]
+        for row in rows:
+            row["nodes"] = sorted(n.name for n in self.cluster.nodes.values()
+                                  if n.cached().get(row["name"]) == row["build_id"])
+        return rows
+
+    async def rpc_stats(self) -> dict:
+        local = await self.cluster.local.call("stats") if self.cluster.local else {
+            "live": 0, "copies": 0, "exited_kept": 0, "templates": {}}
+        return {**local, "pid": os.getpid(), "node": "coordinator",
+                "uptime_s": round(time.time() - self._started, 3),
+                "socket": str(self.socket_path), "store": str(self.cfg.store),
+                "metrics": self.metrics_server.address if self.metrics_server else None,
+                "draining": self._draining, "spawns_in_flight": self._inflight,
+                "nodes": {n.name: n.describe() for n in self.cluster.nodes.values()}}
+
+    async def rpc_set_warm(self, template: str, min_warm: int) -> dict:
+        """On the local node, and on every up node that holds the template."""
+        targets = [n for n in self.cluster.nodes.values()
+                   if n.healthy and (not n.remote or template in n.cached())]
+        if not targets:
+            raise NodeUnavailable(f"no node holds {template!r} to keep warm", template=template)
+        replies = [await n.call("set_warm", {"template": template, "min_warm": min_warm}, 10)
+                   for n in targets]
+        return replies[0]
+
+    async def rpc_nodes(self) -> list:
+        return [n.describe() for n in self.cluster.nodes.values()]
+
+    async def rpc_push(self, template: str, node: str, timeout: float) -> dict:
+        n = self.cluster.node(node)
+        if not n.healthy:
+            raise NodeUnavailable(f"node {node} is down", node=node)
+        r = await self.cluster.ensure_template(n, template, timeout)
+        return r or {"name": template, "already_current": True, "node": node}
+
+    async def rpc_fork(self, id: str, node: str | None, lazy: bool, hostname: str | None,  # noqa: A002
+                       timeout: float) -> dict:
+        """Checkpoint a running instance without stopping it and restore a copy on node."""
+        from pool.cluster.nodes import CALL_SLACK  # noqa: PLC0415
+
+        src = await self.cluster.locate(id)
+        if node is None:
+            up = [n for n in self.cluster.nodes.values() if n.healthy]
+            if not up:
+                raise NodeUnavailable("no node is up to fork onto")
+            node = max(up, key=lambda n: (n is not src, n.free(), n.name)).name
+        dst = self.cluster.node(node)
+        if not dst.healthy:
+            raise NodeUnavailable(f"node {node} is down", node=node)
+        ck = await src.call("fork_checkpoint", {"id": id, "lazy": lazy, "timeout": timeout},
+                            timeout + CALL_SLACK)
+        ok = False
+        try:
+            r = await dst.call("fork_restore", {
+                "template": ck["template"], "source": ck["source"], "build_id": ck["build_id"],
+                "token": ck["token"], "page_server": ck.get("page_server"),
+                "hostname": hostname, "timeout": timeout}, timeout * 2 + CALL_SLACK)
+            ok = True
+        finally:
+            try:
+                await src.call("fork_release", {"template": ck["template"], "abort": not ok},
+                               60 + CALL_SLACK)
+            except PoolError as e:
+                log.warning("fork of %s: releasing the source failed: %s", id, e.message)
+        self.cluster.routes[r["id"]] = dst.name
+        r.update(node=dst.name, forked_from={**ck["forked_from"], "node": src.name},
+                 image_bytes=ck["image_bytes"], lazy=lazy)
+        return r
+
+
+def serve(cfg: ServiceConfig) -> int:
+    """Run a service on uvloop until SIGTERM/SIGINT; returns the exit code."""
+    import uvloop  # noqa: PLC0415
+
+    raise_nofile_limit()
+    return uvloop.run(Service(cfg).run())

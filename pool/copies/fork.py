@@ -1,0 +1,261 @@
+"""Fork a running copy: checkpoint it without stopping it, as a template-format build that any node
+can restore (after pool/templates/transfer.py ships it), its memory state included.
+
+A running copy is not a template: its stdio are log files in its run dir, not the builder's pipes,
+and its control channel is spent (it has its identity). So the fork's manifest keys stdio by file
+path (`stdio_keys`, CRIU's inherit-fd key for a regular file: the path without its leading '/'),
+which Restorer uses in place of the pipe inodes; it lists no control pipes, so a restored fork is
+a transparent copy that keeps the original's identity, hostname aside; and it is dumped with
+tcp_close (a live copy may hold client connections), which its restore then needs too.
+
+Lazy variant (post-copy migration): checkpoint_instance_lazy writes only the small images and
+serves the memory from a page server; restore_lazy starts a lazy-pages daemon against it and
+restores at once, pages arriving on demand and in the background.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pool.templates import store as store_mod
+from pool.cr.criu import Criu, DumpOptions, LazyDump, LazyPages, RestoreOptions, become_subreaper
+from pool.errors import CriuError, CriuTimeout, RestoreError
+from pool.copies.instance import Instance, open_handles
+from pool.templates.store import Store, Template
+
+STDIO = ("stdout", "stderr")
+
+
+def checkpoint_instance(inst: Instance, dest: Store | Path, criu: Criu, *,
+                        leave_running: bool = True, name: str | None = None,
+                        source_manifest: dict[str, Any] | None = None,
+                        timeout: float = 120.0) -> Template:
+    """Dump the running copy inst into a template build.
+
+    dest a Store: published there as `name` (default: a fresh store.fork_name). dest a Path: written as a
+    build dir (manifest.json + image/) that must not exist yet, not published. The copy keeps
+    running (leave_running) after a pause of one dump.
+    """
+    name = name or store_mod.fork_name(inst.template)
+    keys = _stdio_keys(inst)
+    source_manifest = source_manifest or _source_manifest(inst, dest)
+    if isinstance(dest, Store):
+        with dest.staging(name) as staged:
+            manifest = _dump(inst, staged, criu, keys, source_manifest, leave_running, timeout)
+            return dest.publish(name, staged, manifest)
+    build_dir = Path(dest)
+    build_dir.mkdir(mode=0o700)
+    try:
+        manifest = _dump(inst, build_dir, criu, keys, source_manifest, leave_running, timeout)
+        return _seal(name, build_dir, manifest)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+
+
+def _dump(inst: Instance, build_dir: Path, criu: Criu, keys: dict[str, str],
+          source_manifest: dict[str, Any], leave_running: bool, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pool-fork-") as logs:
+        try:
+            criu.dump(inst.pid, build_dir / "image", log_dir=Path(logs), timeout=timeout,
+                      opts=DumpOptions(leave_running=leave_running, tcp_close=True))
+            criu.cpuinfo_dump(build_dir / "image")
+        except CriuError as e:
+            raise RestoreError("checkpointing the running copy", e.message) from e
+    return _manifest(inst, criu, keys, source_manifest, dump_s=time.monotonic() - t0)
+
+
+@dataclass
+class LazyCheckpoint:
+    """The source side of a lazy migration: a build dir without the lazy memory, and the dump
+    that serves that memory until the target has taken it (then the copy is killed, unless
+    leave_running: frozen until then, it resumes)."""
+
+    template: Template
+    dump: LazyDump
+    page_server: tuple[str, int]
+    log_dir: Path        # CRIU's work dir while it serves; removed once the dump has ended
+
+    def wait(self, timeout: float) -> None:
+        """Until every page was served; CriuTimeout (CRIU killed, the copy resumed) after timeout."""
+        try:
+            if not self.dump.wait(timeout):
+                self.abort()
+                raise CriuTimeout("dump", f"pages not all served within {timeout:g}s; "
+                                          "CRIU was killed")
+        finally:
+            if self.dump.done():
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Stop serving: CRIU is killed and the copy resumes where it was."""
+        self.dump.kill()
+        with contextlib.suppress(Exception):
+            self.dump.wait(30)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
+                             page_server: tuple[str, int], *, leave_running: bool = False,
+                             name: str | None = None,
+                             source_manifest: dict[str, Any] | None = None,
+                             ready_timeout: float = 60.0, timeout: float = 300.0) -> LazyCheckpoint:
+    """Lazily dump inst into build_dir (must not exist); pages are served at page_server.
+
+    Returns once the build dir is complete (small: no anonymous memory) and the page server
+    listens. Ship the build dir, then restore_lazy() on the target. Needs fs.pipe-max-size >= 4 MiB.
+    """
+    name = name or store_mod.fork_name(inst.template)
+    keys = _stdio_keys(inst)
+    source_manifest = source_manifest or {}
+    build_dir = Path(build_dir)
+    build_dir.mkdir(mode=0o700)
+    logs = Path(tempfile.mkdtemp(prefix="pool-fork-"))
+    try:
+        t0 = time.monotonic()
+        try:
+            job = criu.dump_lazy(inst.pid, build_dir / "image", page_server, log_dir=logs,
+                                 opts=DumpOptions(leave_running=leave_running, tcp_close=True),
+                                 ready_timeout=ready_timeout, timeout=timeout)
+        except CriuError as e:
+            raise RestoreError("checkpointing the running copy lazily", e.message) from e
+        try:
+            criu.cpuinfo_dump(build_dir / "image")
+            manifest = _manifest(inst, criu, keys, source_manifest, dump_s=time.monotonic() - t0)
+            manifest["lazy_pages"] = True
+            template = _seal(name, build_dir, manifest)
+        except BaseException:
+            job.kill()
+            with contextlib.suppress(Exception):
+                job.wait(30)
+            raise
+        return LazyCheckpoint(template, job, page_server, logs)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+        raise
+
+
+def restore_lazy(template: Template, criu: Criu, run_dir: Path, page_server: tuple[str, int] | None,
+                 *, instance_id: str, timeout: float = 60.0) -> tuple[Instance, LazyPages]:
+    """Restore a (lazily) checkpointed build at once, its memory fetched on demand.
+
+    page_server None reads the pages from the build's own files. The build must have no control
+    pipes (a fork: there is no identity handshake here). run_dir (must not exist) becomes the
+    copy's private dir. Returns the copy, warm, and the lazy-pages daemon, which exits once every
+    page is in: wait() on it, with a deadline.
+    """
+    m = template.manifest
+    if "ctl_in" in (m.get("pipes") or {}):
+        raise ValueError(f"{template.name} has an SDK control channel: restore it with Restorer")
+    become_subreaper()  # the copy must become our child, to be reaped
+    tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(mode=0o700, parents=False)
+    theirs: list[int] = []
+    daemon: LazyPages | None = None
+    pid = -1
+    try:
+        inherit = {}
+        for stream in STDIO:
+            fd = os.open(run_dir / f"{stream}.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            theirs.append(fd)
+            inherit[(m.get("stdio_keys") or {}).get(stream) or f"pipe:[{m['pipes'][stream]}]"] = fd
+        t0 = time.monotonic()
+        try:
+            daemon = criu.lazy_pages(template.image_dir, run_dir, page_server=page_server)
+            pid = criu.restore(template.image_dir, log_dir=run_dir, timeout=timeout,
+                               opts=RestoreOptions(inherit_fds=inherit, lazy_pages=True,
+                                                   tcp_close=tcp_close))
+        except CriuError as e:
+            raise RestoreError("restoring lazily with CRIU", e.message) from e
+        took = time.monotonic() - t0
+        pidfd, netns_fd = open_handles(pid)
+        inst = Instance(id=instance_id, template=template.name, build_id=template.build_id,
+                        pid=pid, pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False,
+                        port=(m["spec"].get("network") or {}).get("port"), restore_s=took)
+        return inst, daemon
+    except BaseException:
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        if daemon is not None:
+            daemon.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _stdio_keys(inst: Instance) -> dict[str, str]:
+    """The copy's stdio as CRIU will know them: its own log files, else we cannot key them."""
+    keys = {}
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        try:
+            target = os.readlink(f"/proc/{inst.pid}/fd/{fd}")
+        except OSError as e:
+            raise RestoreError("checkpointing the running copy",
+                               f"cannot read its {stream}: {e.strerror}") from e
+        if not target.startswith("/"):
+            raise RestoreError("checkpointing the running copy",
+                               f"its {stream} is {target}, not a file: it cannot be forked")
+        keys[stream] = target.lstrip("/")
+    return keys
+
+
+def _source_manifest(inst: Instance, dest: Store | Path) -> dict[str, Any]:
+    """The manifest of the build inst was restored from, when dest is the store that holds it."""
+    if isinstance(dest, Store):
+        with contextlib.suppress(Exception):
+            t = dest.get(inst.template)
+            if t.build_id == inst.build_id:
+                return t.manifest
+    return {}
+
+
+def _manifest(inst: Instance, criu: Criu, keys: dict[str, str], source: dict[str, Any],
+              dump_s: float) -> dict[str, Any]:
+    spec = dict(source.get("spec") or {"name": inst.template,
+                                       "network": {"mode": "isolated", "port": inst.port}})
+    spec["checkpoint"] = {**(spec.get("checkpoint") or {}), "tcp_close": True}  # as dumped
+    return {
+        "build_id": store_mod.new_build_id(),
+        "spec": spec,
+        "spec_digest": source.get("spec_digest"),
+        "criu_version": str(criu.version()),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "pipes": {},               # no control channel: the fork keeps the original's identity
+        "stdio_keys": keys,
+        "forked_from": {"template": inst.template, "build_id": inst.build_id,
+                        "instance": inst.id},
+        "dump_s": round(dump_s, 4),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _seal(name: str, build_dir: Path, manifest: dict[str, Any]) -> Template:
+    """Finish an unpublished build dir the way Store.publish would (sizes, sha256, 0600)."""
+    files = {}
+    for p in sorted((build_dir / "image").iterdir()):
+        os.chmod(p, 0o600)
+        files[p.name] = {"size": p.stat().st_size, "sha256": store_mod.sha256_file(p)}
+    manifest = {**manifest, "format": store_mod.FORMAT, "name": name, "files": files,
+                "image_bytes": sum(f["size"] for f in files.values())}
+    store_mod._write_private(build_dir / store_mod.MANIFEST,
+                             json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return Template(name=name, build_dir=build_dir, manifest=manifest)

@@ -1,0 +1,131 @@
+"""The control channel between pool and an app: blocking, length-prefixed msgpack frames on pipe fds.
+
+Used by both sides: the in-app SDK (pool.runtime, pool/java/PoolRuntime.java) and the builder/restorer.
+Standard library and msgpack only, because applications import it.
+
+Messages: app -> pool `{"type": "ready", "pid", "runtime"}` then, in each restored copy,
+pool -> app `{"type": "identity", "instance_id", "env", "args", "hostname", "seed", "deadline"}` and
+app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "message"}`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+from pool import fds
+
+ENV_VAR = "POOL_CONTROL_FDS"  # "R,W": R read by the app, W written by the app
+MAX_CONTROL_FRAME = 1 << 20
+_LEN = struct.Struct(">I")
+
+
+class ControlError(Exception):
+    """The control channel broke: closed early, timed out or carried garbage."""
+
+
+def _encode(msg: dict[str, Any]) -> bytes:
+    data = msgpack.packb(msg, use_bin_type=True)
+    return _LEN.pack(len(data)) + data
+
+
+def write_frame(fd: int, msg: dict[str, Any]) -> None:
+    buf = memoryview(_encode(msg))
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+async def write_frame_async(fd: int, msg: dict[str, Any]) -> None:
+    """write_frame for asyncio callers: a frame larger than the pipe's buffer waits with
+    loop.add_writer for the other side to read, instead of blocking the loop.
+
+    The fd is switched to non-blocking. Bound it with asyncio.timeout().
+    """
+    import asyncio  # noqa: PLC0415  (applications using the SDK never pay for it)
+
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = memoryview(_encode(msg))
+    while buf:
+        try:
+            buf = buf[os.write(fd, buf):]
+        except BlockingIOError:
+            writable = loop.create_future()
+            loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+
+
+def read_frame(fd: int, deadline: float | None = None) -> dict[str, Any]:
+    """Read one frame; deadline is a time.monotonic() value (None: wait for ever)."""
+    length = _parse_length(_read_exact(fd, _LEN.size, deadline))
+    return _parse_message(_read_exact(fd, length, deadline))
+
+
+async def read_frame_async(fd: int) -> dict[str, Any]:
+    """read_frame for asyncio callers: waits with loop.add_reader instead of blocking a thread.
+
+    The fd is switched to non-blocking. Bound it with asyncio.timeout().
+    """
+    import asyncio  # noqa: PLC0415  (applications using the SDK never pay for it)
+
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        async def read_exact(n: int) -> bytes:
+            out = bytearray()
+            while len(out) < n:
+                try:
+                    chunk = os.read(fd, n - len(out))
+                except BlockingIOError:
+                    readable.clear()
+                    await readable.wait()
+                    continue
+                if not chunk:
+                    raise ControlError("control channel closed by the other side")
+                out += chunk
+            return bytes(out)
+
+        length = _parse_length(await read_exact(_LEN.size))
+        return _parse_message(await read_exact(length))
+    finally:
+        loop.remove_reader(fd)
+
+
+def _parse_length(header: bytes) -> int:
+    (length,) = _LEN.unpack(header)
+    if length > MAX_CONTROL_FRAME:
+        raise ControlError(f"control frame of {length} bytes is over the {MAX_CONTROL_FRAME} limit")
+    return length
+
+
+def _parse_message(payload: bytes) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ControlError("control frame is not valid msgpack") from e
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ControlError(f"control message is not a map with a type: {msg!r:.80}")
+    return msg
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not fds.readable(fd, left):
+                raise ControlError("timed out waiting on the control channel")
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise ControlError("control channel closed by the other side")
+        out += chunk
+    return bytes(out)
