@@ -4,13 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit integration demo bench doctor clean
+.PHONY: setup layers test unit integration demo bench doctor clean
 
 setup:
 	@scripts/setup.sh
 
-test: setup
+test: setup layers
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The import layers (pyproject.toml [tool.importlinter]): lower layers never import higher ones.
+layers: setup
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)

@@ -28,17 +28,17 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pool import config
+from pool import names
 from pool.errors import SpecError
+from pool.names import is_name
 from pool.tomlfields import Table, at_least, load_toml, one_of
 from pool.node.warm import WarmSettings
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
                 "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",
                 "early_death_s", "exited_history", "max_live", "capacity", "local_node",
@@ -98,10 +98,10 @@ class NodeConfig:
 
 
 def parse_hostport(text: str, path: str, fld: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SpecError(path, fld, f"expected HOST:PORT like 127.0.0.1:9464, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return names.parse_hostport(text)
+    except ValueError as e:
+        raise SpecError(path, fld, str(e)) from None
 
 
 def _positive(v: float) -> str | None:
@@ -144,7 +144,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     templates = top.table("templates", None) or Table(where, {}, "templates", ())
     kw["templates"] = {}
     for name in templates.data:
-        if not _NAME_RE.match(name):
+        if not is_name(name):
             templates.fail(name, "not a valid template name (a-z, 0-9, . _ -)")
         t = templates.table(name, TEMPLATE_KEYS)
         ws = WarmSettings(min_warm=t.get("min_warm", "int", 0, at_least(0)),
@@ -157,7 +157,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     nodes = top.table("nodes", None) or Table(where, {}, "nodes", ())
     kw["nodes"] = {}
     for name in nodes.data:
-        if not _NAME_RE.match(name) or name == "local":
+        if not is_name(name) or name == "local":
             nodes.fail(name, "not a valid node name (a-z, 0-9, . _ -; not 'local')")
         n = nodes.table(name, NODE_KEYS)
         kw["nodes"][name] = NodeConfig(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pool.names import fork_name
 from pool.templates import store as store_mod
 from pool.cr.criu import Criu, DumpOptions, LazyDump, LazyPages, RestoreOptions, become_subreaper
 from pool.errors import CriuError, CriuTimeout, RestoreError
@@ -44,7 +45,7 @@ def checkpoint_instance(inst: Instance, dest: Store | Path, criu: Criu, *,
     build dir (manifest.json + image/) that must not exist yet, not published. The copy keeps
     running (leave_running) after a pause of one dump.
     """
-    name = name or store_mod.fork_name(inst.template)
+    name = name or fork_name(inst.template)
     keys = _stdio_keys(inst)
     source_manifest = source_manifest or _source_manifest(inst, dest)
     if isinstance(dest, Store):
@@ -114,7 +115,7 @@ def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
     Returns once the build dir is complete (small: no anonymous memory) and the page server
     listens. Ship the build dir, then restore_lazy() on the target. Needs fs.pipe-max-size >= 4 MiB.
     """
-    name = name or store_mod.fork_name(inst.template)
+    name = name or fork_name(inst.template)
     keys = _stdio_keys(inst)
     source_manifest = source_manifest or {}
     build_dir = Path(build_dir)

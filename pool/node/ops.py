@@ -25,7 +25,7 @@ from typing import Any
 
 from pool.errors import BadRequest, PoolError, RestoreError
 from pool.node.runtime import NodeRuntime
-from pool.templates.store import fork_name
+from pool.names import fork_name, parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ FORK_SOURCE_TTL = 300.0       # a fork source nobody released is closed after th
 LAZY_PAGES_TIMEOUT = 300.0    # every page of a lazy restore must have arrived by then
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise BadRequest(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+def parse_address(text: str, param: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as e:
+        raise BadRequest(str(e), param=param) from None
 
 
 @dataclass
@@ -97,7 +97,7 @@ class NodeOps:
         from pool.templates import transfer  # noqa: PLC0415
         from pool.templates.compat import node_facts  # noqa: PLC0415
 
-        r = await transfer.fetch(self.store, name, parse_address(source),
+        r = await transfer.fetch(self.store, name, parse_address(source, "source"),
                                  token=token or self.token, facts=node_facts(self.criu),
                                  build_id=build_id, timeout=timeout)
         log.info("fetched %s (build %s) from %s: %d files, %.1f MB on the wire in %.2fs%s", name,
@@ -210,7 +210,7 @@ class NodeOps:
         if page_server is None:
             r = await self.runtime.rpc_spawn(template, {}, [], timeout, hostname=hostname)
         else:
-            r = await self._restore_lazy(template, parse_address(page_server), hostname, timeout)
+            r = await self._restore_lazy(template, parse_address(page_server, "page_server"), hostname, timeout)
         r["fetched"] = fetched
         return r
 

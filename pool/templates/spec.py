@@ -15,11 +15,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pool.errors import SpecError, TemplateNotFound
+from pool.names import NAME_RULE, is_name
 from pool.tomlfields import Check, Table, at_least, load_toml, one_of, port, positive
 
 TOML_NAME = "template.toml"
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63 chars"
 READY_MODES = ("sdk", "tcp", "http", "stdout", "delay")
 NETWORK_MODES = ("none", "isolated")
 WARMUP_METHODS = ("GET", "POST")
@@ -120,7 +119,7 @@ class Spec:
 
 
 def _name(v: str) -> str | None:
-    return None if NAME_RE.fullmatch(v) else f"{v!r} is not a valid name: {NAME_RULE}"
+    return None if is_name(v) else f"{v!r} is not a valid name: {NAME_RULE}"
 
 
 def _command(v: tuple[str, ...]) -> str | None:

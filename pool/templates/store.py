@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -28,30 +27,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pool.errors import TemplateCorrupt, TemplateNotFound
+from pool.names import is_stored_name
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-_TEMPLATE_NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
-# A fork of a live copy is stored as TEMPLATE+fork-RANDOM: '+' is in no template name, so a fork can
-# never replace (or be released over) a template, and 64 random bits keep two forks apart.
-FORK_SEP = "+fork-"
-STORED_NAME_RE = re.compile(rf"^{_TEMPLATE_NAME}(?:\+fork-[0-9a-f]{{16}})?$")
-_NAME_RE = STORED_NAME_RE
 _BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 KEEP_PREVIOUS = 1
 _NOT_PUBLISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})  # readlink: no build
-
-
-def fork_name(template: str) -> str:
-    """A store name for a new fork of a copy of template: unique, and never a template's name."""
-    return f"{template}{FORK_SEP}{secrets.token_hex(8)}"
-
-
-def is_stored_name(name: str) -> bool:
-    """A name the store accepts: a template's, or a fork's (fork_name)."""
-    return bool(_NAME_RE.match(name))
 
 
 def sha256_file(path: Path) -> str:
@@ -114,11 +98,11 @@ class Store:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if _NAME_RE.match(p.name) and (p / "current").is_symlink())
+                      if is_stored_name(p.name) and (p / "current").is_symlink())
 
     def get(self, name: str) -> Template:
         link = self.root / name / "current"
-        if not _NAME_RE.match(name) or not link.is_symlink():
+        if not is_stored_name(name) or not link.is_symlink():
             raise TemplateNotFound(name, where=str(self.root))
         build_dir = link.resolve()  # pin this build: a later swap does not move us
         try:
@@ -163,7 +147,7 @@ class Store:
 
     def publish(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
         """Seal staged (manifest, 0600 files) and make it NAME's current build atomically."""
-        if not _NAME_RE.match(name):
+        if not is_stored_name(name):
             raise ValueError(f"bad template name {name!r}")
         manifest = {**manifest, "format": FORMAT, "name": name}
         image = staged / "image"
@@ -232,7 +216,7 @@ class Store:
         against the sender's manifest carry their final name; the file in flight ends in .part.
         Partial dirs of other builds of NAME are dropped: they can no longer be completed.
         """
-        if not _NAME_RE.match(name) or not _BUILD_ID_RE.match(build_id):
+        if not is_stored_name(name) or not _BUILD_ID_RE.match(build_id):
             raise ValueError(f"bad template name {name!r} or build id {build_id!r}")
         self._ensure_root()
         root = self.root / ".partial"
@@ -251,7 +235,7 @@ class Store:
 
     def remove(self, name: str) -> None:
         tdir = self.root / name
-        if not _NAME_RE.match(name) or not (tdir / "current").is_symlink():
+        if not is_stored_name(name) or not (tdir / "current").is_symlink():
             raise TemplateNotFound(name, where=str(self.root))
         # Unpublish first (atomic), then delete the files.
         os.unlink(tdir / "current")

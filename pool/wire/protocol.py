@@ -24,8 +24,7 @@ import msgpack
 from pool import errors
 from pool.config import Limits
 from pool.errors import AuthError, BadRequest, PoolError, ProtocolError
-from pool.templates.spec import NAME_RE, NAME_RULE
-from pool.templates.store import STORED_NAME_RE
+from pool.names import NAME_RE, NAME_RULE, STORED_NAME_RE
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")

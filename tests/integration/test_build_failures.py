@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pool.cli.main import main
+from pool.cli.main import EXIT_ERROR, main
 from pool.templates.build import build
 from pool.errors import BuildError, TemplateNotFound
 from pool.copies.restore import Restorer
@@ -161,7 +161,7 @@ def test_bad_spec_is_rejected_before_anything_starts(tmp_path, capsys, body, fie
     (d / "template.toml").write_text(f'command = ["python3", "app.py"]\n{body}\n')
     store = tmp_path / "store"
     # the whole `pool build` path, in this process, so that a started child would be ours
-    assert cli.main(["--store", str(store), "build", str(d)]) == cli.EXIT_ERROR
+    assert main(["--store", str(store), "build", str(d)]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert f"template.toml: {field}: " in err and words in err, err
     assert not (d / "started").exists()

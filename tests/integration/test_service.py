@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 
 import pool
 from pool.cli.demo import PROBES, LocalService, ask
-from pool.errors import NoCapacity, NodeUnavailable, Quarantined
+from pool.errors import NoCapacity, Quarantined
 from servicelab import POOL, cli, copies_of, wait_until
 
 pytestmark = pytest.mark.integration

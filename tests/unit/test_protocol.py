@@ -223,7 +223,7 @@ def test_names_ids_and_sizes_are_checked(method, params, param):
 
 
 def test_a_fork_of_a_live_copy_is_a_template_name_but_not_a_node_name():
-    from pool.templates.store import fork_name
+    from pool.names import fork_name
     fork = fork_name("a" * 63)
     for method, params in [("spawn", {"template": fork}), ("fork_release", {"template": fork}),
                            ("fetch_template", {"name": fork, "source": "h:1"}),

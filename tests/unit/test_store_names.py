@@ -3,33 +3,34 @@ from __future__ import annotations
 
 import pytest
 
+from pool import names
 from pool.templates import store
 from pool.errors import TemplateNotFound
-from pool.templates.spec import NAME_RE
+from pool.names import NAME_RE
 
 LONGEST = "a" * 63
 
 
 def test_a_fork_of_the_longest_template_name_is_not_truncated_onto_the_template():
-    name = store.fork_name(LONGEST)
-    assert name != LONGEST and name.startswith(LONGEST + store.FORK_SEP)
-    assert store.is_stored_name(name)
+    name = names.fork_name(LONGEST)
+    assert name != LONGEST and name.startswith(LONGEST + names.FORK_SEP)
+    assert names.is_stored_name(name)
 
 
 def test_two_forks_of_one_template_get_different_names():
-    assert len({store.fork_name("py-hello") for _ in range(1000)}) == 1000
+    assert len({names.fork_name("py-hello") for _ in range(1000)}) == 1000
 
 
 def test_no_template_can_be_named_like_a_fork():
-    fork = store.fork_name("py-hello")
+    fork = names.fork_name("py-hello")
     assert not NAME_RE.fullmatch(fork)          # template.toml refuses it
-    assert store.is_stored_name("py-hello") and store.is_stored_name(fork)
+    assert names.is_stored_name("py-hello") and names.is_stored_name(fork)
 
 
 def test_malformed_fork_names_are_refused():
     for bad in ("py-hello+fork-", "py-hello+fork-XYZ", "py-hello+fork-" + "0" * 15,
                 "+fork-" + "0" * 16, "py-hello+x-" + "0" * 16, "../py-hello", "Py-hello"):
-        assert not store.is_stored_name(bad), bad
+        assert not names.is_stored_name(bad), bad
 
 
 def test_the_store_refuses_to_publish_or_find_a_bad_name(tmp_path):
