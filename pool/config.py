@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CRIU_PREFIX = Path("/opt/prewarm-pool/criu")
@@ -51,10 +51,3 @@ class Limits:
     max_args: int = 1024
     max_min_warm: int = 4096          # set_warm: anything larger is a typo, not a pool size
     max_duration: float = 7 * 86400.0  # seconds: timeouts and graces beyond a week are refused
-
-
-@dataclass(frozen=True)
-class Settings:
-    store: Path = field(default_factory=store_path)
-    run_dir: Path = field(default_factory=run_dir)
-    limits: Limits = field(default_factory=Limits)

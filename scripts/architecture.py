@@ -135,7 +135,8 @@ def modules_block() -> str:
     for group in ["pool"] + sorted({n.rsplit(".", 1)[0] for n in mods if n.count(".") >= 2}):
         names = [n for n in mods if n.rsplit(".", 1)[0] == group or (group != "pool" and n == group)]
         if group == "pool":
-            names = [n for n in mods if n.count(".") == 1 and not (PACKAGE / n.split(".")[1]).is_dir()]
+            names = [n for n in mods if n == "pool" or (n.count(".") == 1
+                                                        and not (PACKAGE / n.split(".")[1]).is_dir())]
         out.append(f"### `{group}/`" if group != "pool" else "### `pool/` (base, SDK, client)")
         out.append("")
         out.append("| module | what it is |")

@@ -19,9 +19,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from pool.client import Client
+from pool.cr import netns, sandbox
+from pool.cr.criu import Criu
+from pool.errors import NodeUnavailable
+from pool.templates.build import app_environment, build
+from pool.templates.spec import load_spec
+from pool.templates.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -96,13 +105,9 @@ class LocalService:
         return self.proc.pid
 
     def client(self):
-        from pool.client import Client  # noqa: PLC0415
-
         return Client(self.socket)
 
     def _wait_ready(self, timeout: float) -> None:
-        from pool.errors import NodeUnavailable  # noqa: PLC0415
-
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -155,9 +160,6 @@ class LocalService:
 def cold_start(spec, timeout: float = 180.0) -> float:
     """Seconds from booting the app (own namespaces, no CRIU, no SDK channel) to its first correct
     answer."""
-    from pool.cr import netns  # noqa: PLC0415
-    from pool.cr import sandbox  # noqa: PLC0415
-    from pool.templates.build import app_environment  # noqa: PLC0415
 
     probe, port = PROBES[spec.name], spec.network.port
     t0 = time.perf_counter()
@@ -181,8 +183,6 @@ def cold_start(spec, timeout: float = 180.0) -> float:
 
 def ask(address: str, probe: Probe, timeout: float = 30.0) -> dict:
     """One request to a published copy; raises if the answer is not correct."""
-    import urllib.request  # noqa: PLC0415
-
     req = urllib.request.Request(f"http://{address}{probe.path}", data=probe.body,
                                  method=probe.method,
                                  headers={"Content-Type": "application/json"})
@@ -207,11 +207,6 @@ def timed_spawn(client, name: str) -> tuple[float, float, str]:
 
 
 def build_templates(store_root: Path) -> list:
-    from pool.templates.build import build  # noqa: PLC0415
-    from pool.cr.criu import Criu  # noqa: PLC0415
-    from pool.templates.spec import load_spec  # noqa: PLC0415
-    from pool.templates.store import Store  # noqa: PLC0415
-
     criu, store, specs = Criu.locate(), Store(store_root), []
     for name in DEMO_TEMPLATES:
         folder = TEMPLATES / name
@@ -225,8 +220,6 @@ def build_templates(store_root: Path) -> list:
 
 
 def main() -> int:
-    from pool.client import Client  # noqa: F401, PLC0415
-
     tmp = Path(tempfile.mkdtemp(prefix="prewarm-demo-"))
     try:
         specs = build_templates(tmp / "store")

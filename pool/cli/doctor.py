@@ -5,6 +5,7 @@ status; optional ones (lazy restore, pre-dump) only explain what will not be ava
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -96,8 +97,6 @@ def _read_int(path: str) -> int | None:
 
 
 def _subreaper_check() -> Check:
-    import ctypes  # noqa: PLC0415
-
     libc = ctypes.CDLL(None, use_errno=True)
     val = ctypes.c_int(0)
     ok = libc.prctl(37, ctypes.byref(val), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER

@@ -18,10 +18,12 @@ import logging
 import time
 from typing import Any
 
-from pool.templates.compat import NodeFacts, compatibility_problem
-from pool.errors import (InstanceNotFound, NodeUnavailable, PoolError, ProtocolError,
-                     TemplateNotFound)
 from pool.cluster.scheduler import NodeView
+from pool.errors import InstanceNotFound, NodeUnavailable, PoolError, ProtocolError, TemplateNotFound
+from pool.templates.compat import NodeFacts, check, compatibility_problem, node_facts
+from pool.templates.transfer import TemplateSource
+from pool.wire.protocol import validate_params
+from pool.wire.rpc import RequestTimeout, RpcClient
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,6 @@ class LocalNode:
 
     async def call(self, method: str, params: dict | None = None,
                    timeout: float | None = None) -> Any:
-        from pool.wire.protocol import validate_params  # noqa: PLC0415  (fills in defaults)
 
         return await self.ops.handle(method, validate_params(method, params or {}))
 
@@ -56,8 +57,6 @@ class LocalNode:
         return self.ops.runtime.free()
 
     def facts(self) -> NodeFacts:
-        from pool.templates.compat import node_facts  # noqa: PLC0415
-
         return node_facts(self.ops.criu)
 
     def describe(self) -> dict:
@@ -112,7 +111,6 @@ class RemoteNode:
         self.up.clear()
 
     async def _heartbeat(self) -> None:
-        from pool.wire.rpc import RpcClient  # noqa: PLC0415
 
         while True:
             t0 = time.monotonic()
@@ -149,7 +147,6 @@ class RemoteNode:
     async def call(self, method: str, params: dict | None = None,
                    timeout: float | None = None) -> Any:
         """One call with a deadline; a lost node or deadline is NodeUnavailable."""
-        from pool.wire.rpc import RequestTimeout  # noqa: PLC0415
 
         client = self.client
         if client is None or client.closed:
@@ -204,7 +201,6 @@ class Cluster:
         return [n for n in self.nodes.values() if n.remote]
 
     async def start(self, tokens: set[str], source_port: int = 0) -> None:
-        from pool.templates.transfer import TemplateSource  # noqa: PLC0415
 
         if self.remotes:
             self.source = TemplateSource(self.store, tokens=tokens)
@@ -268,7 +264,6 @@ class Cluster:
         t = self.store.get(template)
         facts = n.facts()
         if facts is not None:
-            from pool.templates.compat import check  # noqa: PLC0415
             check(t.manifest, facts)  # Incompatible before a byte moves
         if self.source_address is None:
             raise NodeUnavailable("the coordinator serves no templates (no remote nodes)")

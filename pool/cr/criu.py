@@ -8,6 +8,7 @@ errno and the last error lines of its log come along).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno as errno_mod
 import os
 import re
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from pool import config
+import psutil
 
-from pool import fds
+from pool import config, fds
 from pool.errors import CriuFailed, CriuTimeout, CriuUnavailable
 
 _VERSION_RE = re.compile(r"^Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", re.M)
@@ -517,8 +518,6 @@ def _wait_status(fd: int, timeout: float, ended) -> bool:
 
 def become_subreaper() -> None:
     """Make this process the reaper of every restored copy (PR_SET_CHILD_SUBREAPER)."""
-    import ctypes  # noqa: PLC0415
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         e = ctypes.get_errno()
@@ -527,8 +526,6 @@ def become_subreaper() -> None:
 
 def _kill_tree(pid: int) -> set[int]:
     """SIGKILL a process and its descendants (CRIU plus whatever it had half-restored)."""
-    import psutil  # noqa: PLC0415
-
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]

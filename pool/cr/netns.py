@@ -7,10 +7,12 @@ way reaches the copy's loopback from anywhere in this process afterwards.
 from __future__ import annotations
 
 import ctypes
+import http.client
 import os
 import socket
 import threading
 from typing import Callable, TypeVar
+from urllib.parse import urlsplit
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
@@ -70,9 +72,6 @@ def connect_in(ns: Namespace, port: int, timeout: float = 1.0,
 def http_in(ns: Namespace, url: str, *, method: str = "GET", body: bytes | None = None,
             timeout: float = 5.0) -> tuple[int, bytes]:
     """One HTTP/1.1 request to a loopback URL inside the namespace; returns (status, body)."""
-    import http.client  # noqa: PLC0415
-    from urllib.parse import urlsplit  # noqa: PLC0415
-
     u = urlsplit(url)
     port = u.port or 80
     conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", port, timeout=timeout)
