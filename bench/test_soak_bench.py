@@ -27,6 +27,9 @@ from pool.errors import PoolError
 NAME = "py-hello"
 MIN_WARM = 2
 CYCLES = 20 if QUICK else int(os.environ.get("SOAK_CYCLES", "10000"))
+# The suite's per-test timeout (pyproject, 300 s) is for tests; a soak runs as long as its cycles take
+# (a full restore each, ~20/s on 2 cores), so its own limit grows with them: generous, but not forever.
+TIMEOUT_S = 300 + CYCLES
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,7 @@ def soak(svc: LocalService, cycles: int, concurrency: int) -> dict:
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None}
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_soak_spawn_kill(benchmark, service, concurrency):
     service.wait_warm(NAME, MIN_WARM)
