@@ -6,7 +6,9 @@ set_function, so they can never drift from the pools they describe.
 """
 from __future__ import annotations
 
+import platform
 import threading
+from importlib import metadata
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -15,12 +17,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # restore of a big JVM under load seconds.
 SPAWN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                  0.5, 1.0, 2.5, 5.0, 10.0)
-RESTORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# 0.5 ms .. 5 s, fine where restores land: a fork of a zygote in ms, py-hello ~50-100 ms, heavy
+# templates (JVM, Node, torch) 150-400 ms.
+RESTORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3,
+                   0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """The service's (or an agent's) metrics. `info` labels pool_build_info (version, python, ...)."""
+
+    def __init__(self, registry: CollectorRegistry, info: dict[str, str] | None = None) -> None:
         self.registry = registry
+        info = {"version": _version(), "python": platform.python_version(), **(info or {})}
+        self.build_info = Gauge("pool_build_info", "Always 1; the labels say what is running",
+                                sorted(info), registry=registry)
+        self.build_info.labels(**info).set(1)
         self.spawn_latency = Histogram(
             "pool_spawn_latency_seconds", "Time from a spawn request to its reply, by path "
             "(warm: a prewarmed copy; restore: restored on a miss)", ["template", "path"],
@@ -42,12 +53,27 @@ class Metrics:
                                  ["template"], registry=registry)
         self.image_bytes = Gauge("pool_template_image_bytes", "Size of the template's image",
                                  ["template"], registry=registry)
+        self.restore_failures = Counter(
+            "pool_restore_failures_total", "Restores that failed, by error code (a refill or a "
+            "restore on a miss)", ["template", "reason"], registry=registry)
+        self.warm_target = Gauge("pool_warm_target", "How many warm copies the pool keeps ready now",
+                                 ["template"], registry=registry)
+        self.capacity = Gauge("pool_node_capacity", "Copies the node takes, all templates together",
+                              ["node"], registry=registry)
+        self.free = Gauge("pool_node_free", "Copies the node can still take (capacity - live)",
+                          ["node"], registry=registry)
 
     def watch_pool(self, template: str, warm: Callable[[], float], live: Callable[[], float],
-                   quarantined: Callable[[], float]) -> None:
+                   quarantined: Callable[[], float], target: Callable[[], float] | None = None) -> None:
         self.warm.labels(template).set_function(warm)
         self.live.labels(template).set_function(live)
         self.quarantined.labels(template).set_function(quarantined)
+        if target is not None:
+            self.warm_target.labels(template).set_function(target)
+
+    def watch_node(self, node: str, capacity: Callable[[], float], free: Callable[[], float]) -> None:
+        self.capacity.labels(node).set_function(capacity)
+        self.free.labels(node).set_function(free)
 
     def spawned(self, template: str, path: str, seconds: float) -> None:
         self.spawn_latency.labels(template, path).observe(seconds)
@@ -58,8 +84,18 @@ class Metrics:
     def spawn_failed(self, template: str, reason: str) -> None:
         self.spawn_failures.labels(template, reason).inc()
 
+    def restore_failed(self, template: str, reason: str) -> None:
+        self.restore_failures.labels(template, reason).inc()
+
     def exited(self, template: str, cause: str) -> None:
         self.exits.labels(template, cause).inc()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("prewarm-pool")
+    except metadata.PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
 
 
 class MetricsServer:
