@@ -13,8 +13,9 @@ log() { echo "setup: $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "error: run as root (CRIU needs root)"; exit 1; }
 
 # Debian packages: tini (PID 1 of every template), iproute2 (netns, veth, tc), iptables (silences
-# CRIU's ip6tables-legacy-save noise), prometheus (the metrics test scrapes for real), Jackson (jvm-app).
-DEBS="tini iproute2 iptables prometheus libjackson2-databind-java ${POOL_EXTRA_DEBS:-}"
+# CRIU's ip6tables-legacy-save noise), bash-completion (`pool` completes on TAB), prometheus (the
+# metrics test scrapes for real), Jackson (jvm-app).
+DEBS="tini iproute2 iptables bash-completion prometheus libjackson2-databind-java ${POOL_EXTRA_DEBS:-}"
 # Tools taken from the machine when it has them, else from Debian: a bare Debian lacks venv's
 # ensurepip, the JDK (java-hello, jvm-app, the Java SDK tests), node/npm (node-app) and zstd.
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || DEBS="$DEBS python3-venv"
@@ -77,5 +78,8 @@ fi
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "${POOL_CRIU_PREFIX:-/opt/prewarm-pool/criu}/python" >"$site/pool-pycriu.pth"
 "$VENV/bin/python" -c 'import pycriu' || { log "error: pycriu does not import in $VENV"; exit 1; }
+# Tab completion of `pool` in bash (argcomplete), for every user's interactive shell.
+"$VENV/bin/register-python-argcomplete" pool >/etc/bash_completion.d/pool.new
+mv /etc/bash_completion.d/pool.new /etc/bash_completion.d/pool
 
 scripts/setup-heavy.sh

@@ -1,13 +1,16 @@
 """`pool`: the command line. Node commands (doctor, build, templates, inspect, rm, restore) work
 without the service; service commands (serve, spawn, ls, kill, logs, stats, set-warm) live in
-cli_service.py and talk to it over RPC."""
+pool/cli/service.py and talk to it over RPC."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
+
+import argcomplete
 
 from pool import config
 from pool.errors import PoolError
@@ -112,7 +115,10 @@ def cmd_inspect(args) -> int:
 
 def cmd_rm(args) -> int:
     _store(args).remove(args.name)
-    print(f"removed {args.name}")
+    if args.json:
+        _print_json({"removed": args.name})
+    else:
+        print(f"removed {args.name}")
     return 0
 
 
@@ -134,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pool", description="prewarm-pool: boot an app once, checkpoint it with CRIU, and "
                                  "start copies of it in milliseconds.")
+    p.add_argument("--version", action="version", version=f"%(prog)s (prewarm-pool) {_version()}")
     p.add_argument("--store", help=f"template store (default $POOL_STORE or {config.DEFAULT_STORE})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("rm", help="remove a published template")
     s.add_argument("name")
+    s.add_argument("--json", action="store_true", help='print {"removed": NAME}')
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("restore", help="restore copies here, without the service (Ctrl-C ends them)",
@@ -179,8 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    try:
+        return metadata.version("prewarm-pool")
+    except metadata.PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argcomplete.autocomplete(parser)        # answers only when bash's completion calls us
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` is the copies' argv (argparse mishandles `--` inside subcommands).
     extra: list[str] = []

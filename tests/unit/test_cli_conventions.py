@@ -1,0 +1,59 @@
+"""The `pool` command's conventions: --version, tab completion, --json on node commands."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from pool.cli.main import main
+
+POOL = [sys.executable, "-m", "pool.cli"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pool (prewarm-pool) {metadata.version('prewarm-pool')}"
+
+
+def test_tab_completion_lists_the_verbs(tmp_path):
+    """bash's completion calls `pool` with argcomplete's protocol; it answers on fd 8."""
+    out = tmp_path / "completions"
+    line = "pool se"
+    env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": line,
+           "COMP_POINT": str(len(line))}
+    with open(out, "wb") as f:
+        saved = os.dup(8) if _is_open(8) else None
+        os.dup2(f.fileno(), 8)
+        try:
+            subprocess.run(POOL, env=env, pass_fds=(8,), check=False, timeout=30,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            if saved is None:
+                os.close(8)
+            else:
+                os.dup2(saved, 8)
+                os.close(saved)
+    assert set(out.read_text().split("\n")) == {"serve", "set-warm"}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_rm_json(tmp_path, capsys):
+    build = tmp_path / "store" / "gone" / "b1"       # the store's layout: NAME/current -> a build
+    build.mkdir(parents=True)
+    (build.parent / "current").symlink_to("b1")
+    assert main(["--store", str(tmp_path / "store"), "rm", "gone", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": "gone"}
+    assert not build.parent.exists()
