@@ -27,6 +27,7 @@ from pool.errors import BuildError, CriuError, CriuFailed
 from pool.templates.spec import Spec
 
 Progress = Callable[[str], None]
+NODE_SDK_DIR = Path(__file__).resolve().parents[1] / "js"  # pool/js: pool-runtime.js
 
 
 def _quiet(_: str) -> None:
@@ -44,14 +45,16 @@ class BuildResult:
 
 def app_environment(spec: Spec) -> dict[str, str]:
     """A small, predictable environment: the builder's secrets and POOL_* settings do not leak into
-    images. Our own Python environment comes first on PATH so SDK apps find pool.runtime."""
+    images. Our own Python environment comes first on PATH so SDK apps find pool.runtime, and
+    NODE_PATH holds the Node SDK (`require('pool-runtime')`)."""
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     venv_bin = str(Path(sys.executable).parent)
     if sys.prefix != sys.base_prefix and venv_bin not in path.split(os.pathsep):
         path = venv_bin + os.pathsep + path
     env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"),
            "LANG": os.environ.get("LANG", "C.UTF-8"),
-           "UV_USE_IO_URING": "0"}  # CRIU cannot dump io_uring (Node's libuv uses it by default)
+           "UV_USE_IO_URING": "0",  # CRIU cannot dump io_uring (Node's libuv uses it by default)
+           "NODE_PATH": str(NODE_SDK_DIR)}
     env.update(spec.env_dict)
     return env
 
