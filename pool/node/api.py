@@ -118,8 +118,8 @@ class NodeApi:
                 raise RestoreError(e.step, e.problem, output_tail=inst.output_tail()) from e
             raise
         finally:
-            if c.exited:  # reaped while we held its fds
-                inst.release_fds()
+            if c.exited:  # reaped while we held its fds: ours to close
+                inst.close()
             sup.handover_ended()
 
     async def rpc_kill(self, id: str, grace: float) -> dict:  # noqa: A002

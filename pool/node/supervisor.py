@@ -160,7 +160,7 @@ class Supervisor:
                 c.on_end()
         if not handing_over:  # else the spawn closes them once its hand-over has let go
             inst.release_fds()
-        self.table.retire(c)
+        self.table.retire(c, close=not handing_over)
         c.done.set_result(status)
 
     async def all_reaped(self) -> None:

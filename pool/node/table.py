@@ -103,11 +103,13 @@ class CopyTable:
     def get(self, iid: str) -> Copy | None:
         return self.running.get(iid)
 
-    def retire(self, c: Copy) -> None:
+    def retire(self, c: Copy, close: bool = True) -> None:
         """c was reaped: it leaves the running copies; kept in the history if it was handed out
-        (its files closed when it falls out), closed at once otherwise."""
+        (its files closed when it falls out), else closed now (close) or by whoever holds it."""
         self.running.pop(c.inst.id, None)
         if not c.handed_out or self.exited_history == 0:
+            if not close:
+                return
             c.inst.close()
             return
         self.history[c.inst.id] = c
