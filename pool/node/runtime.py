@@ -212,6 +212,8 @@ class NodeRuntime:
 
     # -- phase: stop --------------------------------------------------------------------------------
     async def stop(self) -> None:
+        if self.pools is not None:  # already closed by drain(), unless start() failed
+            await self.pools.close()
         if self.supervisor is not None:
             if self.table.watched():  # still ours (a restore that finished late): kill, reap
                 self.end_live(force=True)
