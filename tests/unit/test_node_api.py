@@ -2,10 +2,12 @@
 node's real table, supervisor, pools and executor; copies whose process is a pipe. No CRIU."""
 import asyncio
 import signal
+from dataclasses import fields
 
 import pytest
 
 from nodefakes import FakeMetrics, FakeRestorer
+from pool.cluster.config import load_config
 from pool.errors import BadRequest, InstanceNotFound, NoCapacity, NodeUnavailable
 from pool.node.runtime import NodeRuntime
 from pool.node.settings import NodeSettings
@@ -145,3 +147,16 @@ def test_draining_refuses_new_spawns_and_ends_the_copies(tmp_path):
         with pytest.raises(NodeUnavailable):
             await api.handle("set_warm", {"template": "t", "min_warm": 1})
     run(node(tmp_path, t={}), test)
+
+
+def test_the_service_config_makes_the_node_settings(tmp_path):
+    cfg_file = tmp_path / "pool.toml"
+    cfg_file.write_text('[service]\ncapacity = 5\nkill_grace = 1.5\non_shutdown = "leave"\n'
+                        'max_live = 7\n[templates.t]\nmin_warm = 2\nttl = 9\n')
+    cfg = load_config(cfg_file, store=str(tmp_path / "s"))
+    s = cfg.node_settings()
+    for f in fields(NodeSettings):  # every node setting comes from the service's own
+        assert getattr(s, f.name) == getattr(cfg, f.name), f.name
+    assert s.capacity == 5 and s.on_shutdown == "leave" and s.store == tmp_path / "s"
+    assert s.warm_settings("t") == WarmSettings(min_warm=2, max_live=7, ttl=9.0)
+    assert s.warm_settings("other") == WarmSettings(0, 7)
