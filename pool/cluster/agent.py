@@ -49,7 +49,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         host = self.listen[0]
-        self.runtime = NodeRuntime(self.cfg, Metrics(CollectorRegistry()), name=self.name,
+        self.runtime = NodeRuntime(self.cfg.node_settings(), Metrics(CollectorRegistry()), name=self.name,
                                    publish_host=host)
         try:
             await self.runtime.start()

@@ -37,6 +37,7 @@ from pool import names
 from pool.errors import SpecError
 from pool.names import is_name
 from pool.tomlfields import Table, at_least, load_toml, one_of
+from pool.node.settings import NodeSettings
 from pool.node.warm import WarmSettings
 
 SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
@@ -81,6 +82,17 @@ class ServiceConfig:
     # RPC connection limits (floods)
     max_connections: int = 1024          # per listener (unix socket, TCP, agent)
     idle_connection_timeout: float = 300.0  # after the hello, no request in flight; 0: never
+
+    def node_settings(self) -> NodeSettings:
+        """What this service's node runtime (the local node, or an agent's) is configured with."""
+        return NodeSettings(
+            store=self.store, run_dir=self.run_dir, capacity=self.capacity,
+            kill_grace=self.kill_grace, drain_timeout=self.drain_timeout,
+            on_shutdown=self.on_shutdown, restore_concurrency=self.restore_concurrency,
+            quarantine_after=self.quarantine_after, early_death_s=self.early_death_s,
+            exited_history=self.exited_history, max_log_bytes=self.max_log_bytes,
+            restore_timeout=self.restore_timeout, defaults=self.defaults,
+            templates=dict(self.templates))
 
     def connection_limits(self) -> dict[str, Any]:
         """RpcServer keyword arguments for the connection limits."""

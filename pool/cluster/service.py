@@ -1,6 +1,6 @@
 """The pool service (`pool serve`): the coordinator. RPC API, scheduling across nodes, metrics.
 
-Its nodes: the embedded local node (node.NodeRuntime + nodeops.NodeOps, unless `local_node =
+Its nodes: the embedded local node (node.runtime.NodeRuntime + node.ops.NodeOps, unless `local_node =
 false`) and the `pool agent`s of `[nodes.NAME]` (cluster.RemoteNode). A spawn picks a node with
 scheduler.choose_node (healthy, compatible, template cached first, then free capacity), ships the
 template there first if it lacks it, and is answered by that node; the reply names the node. Calls
@@ -70,7 +70,7 @@ class Service:
                 self.metrics_server = MetricsServer(self.metrics.registry, *cfg.metrics)
             local = None
             if cfg.local_node:
-                self.runtime = NodeRuntime(cfg, self.metrics)
+                self.runtime = NodeRuntime(cfg.node_settings(), self.metrics)
                 await self.runtime.start()
                 local = LocalNode(NodeOps(self.runtime, host=self._source_host()))
             remotes = [RemoteNode(n.name, n.address, node_tokens[n.name], cfg.heartbeat_s)

@@ -1,2 +1,5 @@
-"""One node's runtime: its copies, warm pools, the policy for failures (faults), and the node-level
-operations a coordinator asks of it."""
+"""One node's runtime (runtime.py: its phases, composing the parts): the copy table and copy states
+(table.py), the supervisor (supervisor.py: events, reaping, kill policy), the warm pools (warm.py:
+pure pool logic; pools.py: wired to the restorer), the node API (api.py) and fetch/fork beside it
+(ops.py), whose fault a failure is (faults.py), code prefaulting (prefault.py) and the node's
+settings (settings.py)."""

@@ -1,8 +1,9 @@
 """What a coordinator asks of a node beyond spawning: fetch a template from a TemplateSource, and the
 two halves of a remote fork (checkpoint a live copy and serve its image; fetch and restore it).
 
-NodeOps wraps a NodeRuntime; `pool agent` serves it over TCP and the coordinator's embedded local
-node calls it directly, so both behave the same.
+NodeOps wraps a NodeRuntime through its public interface (store, criu, find, run_blocking,
+background, adopt_handed, and the node API for everything else); `pool agent` serves it over TCP
+and the coordinator's embedded local node calls it directly, so both behave the same.
 
 Fork, eager: the source node dumps the copy without stopping it (fork.checkpoint_instance with
 leave_running) into its store as TEMPLATE+fork-RANDOM (store.fork_name), serves it from a one-off TemplateSource with a
@@ -19,13 +20,19 @@ import logging
 import secrets
 import shutil
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pool.errors import BadRequest, PoolError, RestoreError
-from pool.node.runtime import NodeRuntime
+from pool.copies import fork
+from pool.copies.restore import new_instance_id
+from pool.cr import netns
+from pool.errors import BadRequest, PoolError, RestoreError, TemplateNotFound
 from pool.names import fork_name, parse_hostport
+from pool.node.runtime import NodeRuntime
+from pool.templates import transfer
+from pool.templates.compat import node_facts
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +64,6 @@ class _OneTemplate:
         self.template = template
 
     def get(self, name: str):
-        from pool.errors import TemplateNotFound  # noqa: PLC0415
-
         if name != self.template.name:
             raise TemplateNotFound(name, where="this fork source")
         return self.template
@@ -76,7 +81,7 @@ class NodeOps:
     async def handle(self, method: str, params: dict) -> Any:
         if method in self.METHODS:
             return await getattr(self, f"rpc_{method}")(**params)
-        return await self.runtime.handle(method, params)
+        return await self.runtime.api.handle(method, params)
 
     async def close(self) -> None:
         for name in list(self._forks):
@@ -84,19 +89,16 @@ class NodeOps:
 
     @property
     def store(self):
-        return self.runtime.restorer.store
+        return self.runtime.store
 
     @property
     def criu(self):
-        return self.runtime.restorer.criu
+        return self.runtime.criu
 
     # -- templates ----------------------------------------------------------------------------------
     async def rpc_fetch_template(self, name: str, source: str, build_id: str | None = None,
                                  token: str | None = None, timeout: float = 600.0) -> dict:
         """Pull a template from a TemplateSource into this node's store (verified, atomic)."""
-        from pool.templates import transfer  # noqa: PLC0415
-        from pool.templates.compat import node_facts  # noqa: PLC0415
-
         r = await transfer.fetch(self.store, name, parse_address(source, "source"),
                                  token=token or self.token, facts=node_facts(self.criu),
                                  build_id=build_id, timeout=timeout)
@@ -111,11 +113,8 @@ class NodeOps:
     # -- fork, source side --------------------------------------------------------------------------
     async def rpc_fork_checkpoint(self, id: str, lazy: bool = False,  # noqa: A002
                                   timeout: float = 120.0) -> dict:
-        from pool.copies import fork  # noqa: PLC0415
-        from pool.templates import transfer  # noqa: PLC0415
-
         c = self.runtime.find(id)
-        if c.done.done():
+        if c.exited:
             raise RestoreError("forking the instance", f"instance {id} has exited")
         inst = c.inst
         name = fork_name(inst.template)
@@ -135,7 +134,7 @@ class NodeOps:
             entry = _ForkSource(name, src)
             page_server = None
         else:
-            forks = Path(self.runtime.cfg.run_dir) / "forks"
+            forks = Path(self.runtime.settings.run_dir) / "forks"
             forks.mkdir(parents=True, exist_ok=True, mode=0o700)
             build_dir = forks / f"{name}.{secrets.token_hex(3)}"
             page_server = (self.host, _free_port(self.host))
@@ -199,7 +198,7 @@ class NodeOps:
             self._spawn_task(asyncio.to_thread(finish))
 
     def _spawn_task(self, coro) -> None:
-        self.runtime._background(coro)
+        self.runtime.background(coro)
 
     # -- fork, target side --------------------------------------------------------------------------
     async def rpc_fork_restore(self, template: str, source: str, build_id: str, token: str,
@@ -208,7 +207,7 @@ class NodeOps:
         """Fetch a forked build and restore one copy of it with a fresh instance id."""
         fetched = await self.rpc_fetch_template(template, source, build_id, token, timeout)
         if page_server is None:
-            r = await self.runtime.rpc_spawn(template, {}, [], timeout, hostname=hostname)
+            r = await self.runtime.api.rpc_spawn(template, {}, [], timeout, hostname=hostname)
         else:
             r = await self._restore_lazy(template, parse_address(page_server, "page_server"), hostname, timeout)
         r["fetched"] = fetched
@@ -216,21 +215,15 @@ class NodeOps:
 
     async def _restore_lazy(self, name: str, page_server: tuple[str, int],
                             hostname: str | None, timeout: float) -> dict:
-        import time  # noqa: PLC0415
-
-        from pool.cr import netns  # noqa: PLC0415
-        from pool.copies.fork import restore_lazy  # noqa: PLC0415
-        from pool.copies.restore import new_instance_id  # noqa: PLC0415
-
         rt = self.runtime
         t0 = time.perf_counter()
         template = self.store.get(name)
         iid = new_instance_id()
-        rt.restorer.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run_dir = rt.restorer.instances_dir / f"{iid}.lazy"
+        rt.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_dir = rt.instances_dir / f"{iid}.lazy"
 
         def restore():
-            inst, daemon = restore_lazy(template, self.criu, run_dir, page_server,
+            inst, daemon = fork.restore_lazy(template, self.criu, run_dir, page_server,
                                         instance_id=iid, timeout=timeout)
             try:
                 if hostname:
@@ -244,8 +237,7 @@ class NodeOps:
 
         inst, daemon = await rt.run_blocking(restore)
         inst.hostname, inst.state = hostname, "running"
-        c = await rt.adopt(inst, rt._pool(name), on_end=daemon.kill)
-        rt.handed(c, "lazy")
+        await rt.adopt_handed(inst, name, "lazy", on_end=daemon.kill)
 
         def pages_in() -> None:  # then the build is no longer needed (and must not be restored)
             try:

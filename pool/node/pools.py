@@ -1,0 +1,176 @@
+"""The node's warm pools, one per template, made on first use and wired to the restorer: a pool's
+restore() is a CRIU restore in the node's executor, its discard() a kill through the supervisor.
+Also: noticing builds published to (or removed from) the store, and restores cancelled while a
+worker thread was already running them (their copies are discarded once made)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from pool.errors import NodeUnavailable, PoolError, TemplateNotFound
+from pool.node.prefault import prefault_code
+from pool.node.settings import NodeSettings
+from pool.node.supervisor import Supervisor
+from pool.node.table import Copy, CopyTable
+from pool.node.warm import KILLED, WarmPool
+
+log = logging.getLogger(__name__)
+
+
+class TemplatePools:
+    """by_name: the pools. adopt(inst, pool) makes a restored copy the node's (runtime.adopt)."""
+
+    def __init__(self, node: str, settings: NodeSettings, restorer: Any, table: CopyTable,
+                 supervisor: Supervisor, metrics: Any, executor: Any,
+                 adopt: Callable[[Any, WarmPool], Awaitable[Copy]]) -> None:
+        self.node = node
+        self.settings = settings
+        self.restorer = restorer
+        self.table = table
+        self.supervisor = supervisor
+        self.metrics = metrics
+        self.by_name: dict[str, WarmPool] = supervisor.pools
+        self._executor = executor
+        self._adopt = adopt
+        self._loop = asyncio.get_running_loop()
+        self.closed = False                      # the node is shutting down: no new pools
+        self.winding_down = False                # refills stopped
+        self._orphans = 0                        # cancelled restores still running in a thread
+
+    def get(self, name: str, must_exist: bool = True) -> WarmPool:
+        """name's pool, made on first use; a configured template not built yet gets an unbuilt pool
+        (must_exist False) that comes to life when its build is published (notice_builds)."""
+        pool = self.by_name.get(name)
+        if pool is not None:
+            return pool
+        if self.closed:
+            raise NodeUnavailable(f"node {self.node} is shutting down", node=self.node)
+        image_bytes = None
+        try:
+            image_bytes = self.restorer.store.get(name).image_bytes
+        except TemplateNotFound:
+            if must_exist:
+                raise
+            log.info("template %s is configured but not built yet: its pool starts when a build "
+                     "is published", name)
+        except PoolError as e:
+            if must_exist:
+                raise
+            log.warning("template %s: %s", name, e.message)
+        build = self.restorer.store.current_build_id(name)
+        cfg = self.settings
+        pool = WarmPool(name, cfg.warm_settings(name), lambda: self._restore_copy(name),
+                        self._discard,
+                        request_refill=lambda: self.supervisor.request_refill(name),
+                        quarantine_after=cfg.quarantine_after, early_death_s=cfg.early_death_s,
+                        node_room=self.room, build_of=lambda inst: inst.build_id, build=build,
+                        unbuilt=build is None)
+        self.by_name[name] = pool
+        if self.winding_down:
+            pool.begin_drain()
+        self.metrics.watch_pool(name, lambda: pool.warm, lambda: pool.live,
+                                lambda: 1.0 if pool.quarantined else 0.0)
+        if image_bytes is not None:
+            self.metrics.image_bytes.labels(name).set(image_bytes)
+        self.supervisor.request_refill(name)
+        return pool
+
+    def room(self) -> int:
+        """Copies the node may still add (a cancelled restore still running counts too)."""
+        restoring = sum(p.restoring for p in self.by_name.values())
+        return self.table.room(restoring + self._orphans)
+
+    def warm_elsewhere(self, template: str) -> int:
+        """The min_warm of every pool but template's."""
+        return sum(p.settings.min_warm for n, p in self.by_name.items() if n != template)
+
+    def snapshots(self) -> dict[str, dict]:
+        return {n: p.snapshot() for n, p in sorted(self.by_name.items())}
+
+    def begin_drain(self) -> int:
+        """No refills but for spawns already waiting; returns the restores cancelled."""
+        self.winding_down = True
+        return sum(p.begin_drain() for p in self.by_name.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.by_name.values()))
+
+    # -- ticks: outcomes, backoffs, builds ------------------------------------------------------------
+    def tick(self) -> None:
+        for pool in self.by_name.values():
+            pool.tick()
+        for name, pool in self.by_name.items():  # one readlink per pool
+            self.notice_build(name, pool)
+
+    def notice_build(self, name: str, pool: WarmPool) -> None:
+        """A build of name published (or removed) since the pool last looked."""
+        try:
+            build = self.restorer.store.current_build_id(name)
+        except OSError as e:  # the store is unreadable right now: keep what we have
+            log.warning("template %s: reading its current build: %s", name, e.strerror)
+            return
+        if build == pool.build:
+            return
+        if build is None:
+            log.info("template %s: its build was removed from the store", name)
+            pool.build_removed()
+            return
+        log.info("template %s: build %s published; using it", name, build)
+        pool.new_build(build)
+        with contextlib.suppress(PoolError, OSError):  # only a metric
+            self.metrics.image_bytes.labels(name).set(self.restorer.store.get(name).image_bytes)
+
+    # -- restores -------------------------------------------------------------------------------------
+    async def _restore_copy(self, name: str):
+        """One warm copy of name for its pool. Safe to cancel at any point (the pool cancels
+        restores it no longer wants): a restore still queued never runs; a running one's copy is
+        discarded when it is done."""
+        t0 = time.perf_counter()
+        pool = self.by_name[name]
+        inst = await self._restore_in_thread(name)
+        self.metrics.restored(name, time.perf_counter() - t0)
+        try:
+            await self._adopt(inst, pool)
+        except asyncio.CancelledError:
+            self._discard(inst)
+            raise
+        if not pool.waiting:  # it will wait warm: spend that time on its first faults, not a spawn's
+            self.supervisor.background(self._prefault(inst.pid))
+        return inst
+
+    async def _prefault(self, pid: int) -> None:
+        await self._loop.run_in_executor(self._executor, prefault_code, pid)
+
+    async def _restore_in_thread(self, name: str):
+        job = self._executor.submit(self.restorer.restore, name)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            if not job.cancel():  # already running: its copy is nobody's; end it once made
+                log.info("template %s: a cancelled restore was already running; its copy will "
+                         "be discarded", name)
+                self._orphans += 1
+                job.add_done_callback(self._discard_orphan)
+            raise
+
+    def _discard_orphan(self, job) -> None:
+        """Runs in the restore thread (or at once if the job was already done)."""
+        try:
+            if job.exception() is None:
+                inst = job.result()
+                inst.kill(grace=0)
+                inst.close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to count
+                self._loop.call_soon_threadsafe(self._orphan_done)
+
+    def _orphan_done(self) -> None:
+        self._orphans -= 1
+
+    def _discard(self, inst) -> None:
+        c = self.table.get(inst.id)
+        if c is not None:
+            self.supervisor.kill(c, 0, KILLED)
