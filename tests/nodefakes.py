@@ -129,6 +129,12 @@ class FakeMetrics:
     def watch_pool(self, *a):
         pass
 
+    def watch_node(self, *a):
+        pass
+
+    def restore_failed(self, template, reason):
+        self.failures.append((template, f"restore:{reason}"))
+
     class _Gauge:
         def labels(self, *a):
             return self

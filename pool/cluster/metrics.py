@@ -64,12 +64,11 @@ class Metrics:
                           ["node"], registry=registry)
 
     def watch_pool(self, template: str, warm: Callable[[], float], live: Callable[[], float],
-                   quarantined: Callable[[], float], target: Callable[[], float] | None = None) -> None:
+                   quarantined: Callable[[], float], target: Callable[[], float]) -> None:
         self.warm.labels(template).set_function(warm)
         self.live.labels(template).set_function(live)
         self.quarantined.labels(template).set_function(quarantined)
-        if target is not None:
-            self.warm_target.labels(template).set_function(target)
+        self.warm_target.labels(template).set_function(target)
 
     def watch_node(self, node: str, capacity: Callable[[], float], free: Callable[[], float]) -> None:
         self.capacity.labels(node).set_function(capacity)

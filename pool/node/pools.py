@@ -72,7 +72,7 @@ class TemplatePools:
         if self.winding_down:
             pool.begin_drain()
         self.metrics.watch_pool(name, lambda: pool.warm, lambda: pool.live,
-                                lambda: 1.0 if pool.quarantined else 0.0)
+                                lambda: 1.0 if pool.quarantined else 0.0, lambda: pool.target)
         if image_bytes is not None:
             self.metrics.image_bytes.labels(name).set(image_bytes)
         self.supervisor.request_refill(name)
@@ -130,7 +130,14 @@ class TemplatePools:
         discarded when it is done."""
         t0 = time.perf_counter()
         pool = self.by_name[name]
-        inst = await self._restore_in_thread(name)
+        try:
+            inst = await self._restore_in_thread(name)
+        except PoolError as e:
+            self.metrics.restore_failed(name, e.code)
+            raise
+        except OSError:
+            self.metrics.restore_failed(name, "os_error")
+            raise
         self.metrics.restored(name, time.perf_counter() - t0)
         try:
             await self._adopt(inst, pool)

@@ -77,6 +77,7 @@ class NodeRuntime:
         self.pools = TemplatePools(self.name, cfg, self.restorer, self.table, self.supervisor,
                                    self.metrics, self._executor, self.adopt)
         self.api = NodeApi(self)
+        self.metrics.watch_node(self.name, lambda: cfg.capacity, self.free)
         self.supervisor.start()
         for name in cfg.templates:
             self.pools.get(name, must_exist=False)

@@ -134,7 +134,8 @@ class WarmPool(Generic[T]):
         s = self.settings
         return {"min_warm": s.min_warm, "max_live": s.max_live, "ttl": s.ttl,
                 "idle_timeout": s.idle_timeout, "warm": self.warm, "live": self.live,
-                "restoring": self.restoring, "dying": len(self._dying), "waiting": self.waiting,
+                "target": self.target, "restoring": self.restoring, "dying": len(self._dying),
+                "waiting": self.waiting,
                 "quarantined": self.quarantined, "failures_in_a_row": self.failures,
                 "unbuilt": self.unbuilt, "build": self.build,
                 "last_error": self.last_error, "spawns": dict(self.handed_out),
@@ -228,7 +229,8 @@ class WarmPool(Generic[T]):
         return False
 
     # -- refilling --------------------------------------------------------------------------------
-    def _target(self) -> int:
+    @property
+    def target(self) -> int:
         """Copies wanted restored or restoring: min_warm (none once draining) plus the waiters."""
         return (0 if self._draining else self.settings.min_warm) + self.waiting
 
@@ -237,7 +239,7 @@ class WarmPool(Generic[T]):
         unbuilt, quarantined, closing or backing off after a failure."""
         if self._closing or self.unbuilt or self.quarantined or self._clock() < self._not_before:
             return 0
-        want = self._target() - len(self._warm) - self._restoring
+        want = self.target - len(self._warm) - self._restoring
         return max(0, min(want, self.room()))
 
     def refill(self) -> int:
@@ -254,7 +256,7 @@ class WarmPool(Generic[T]):
 
     def _cancel_surplus(self) -> int:
         """Cancel the newest restores beyond the target (those most likely still queued)."""
-        surplus = self._restoring - max(0, self._target() - len(self._warm))
+        surplus = self._restoring - max(0, self.target - len(self._warm))
         cancelled = 0
         for task in reversed(list(self._tasks)):
             if cancelled >= surplus:
@@ -282,7 +284,7 @@ class WarmPool(Generic[T]):
         if self._closing:
             self._discard_one(copy)
         elif not self._give_to_waiter(copy):
-            if len(self._warm) < self._target() and not self._stale(copy):
+            if len(self._warm) < self.target and not self._stale(copy):
                 self._warm.append(copy)
             else:  # the target went down, its spawn gave up, or a newer build was published
                 self._discard_one(copy)
@@ -444,7 +446,4 @@ class WarmPool(Generic[T]):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._on_change()
-
-    def live_copies(self) -> list[T]:
-        return list(self._live.values())
 
