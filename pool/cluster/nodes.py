@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from pool.templates.compat import NodeFacts, compatibility_problem
-from pool.errors import (InstanceNotFound, NodeUnavailable, PoolError, ProtocolError,
+from pool.errors import (InstanceNotFound, NodeUnavailable, NoReply, PoolError, ProtocolError,
                      TemplateNotFound)
 from pool.cluster.scheduler import NodeView
 
@@ -149,8 +149,6 @@ class RemoteNode:
     async def call(self, method: str, params: dict | None = None,
                    timeout: float | None = None) -> Any:
         """One call with a deadline; a lost node or deadline is NodeUnavailable."""
-        from pool.wire.rpc import RequestTimeout  # noqa: PLC0415
-
         client = self.client
         if client is None or client.closed:
             raise NodeUnavailable(f"node {self.name} is down ({self.last_error})", node=self.name)
@@ -159,7 +157,7 @@ class RemoteNode:
         except ProtocolError as e:
             raise NodeUnavailable(f"node {self.name} went away during {method}: {e.message}",
                                   node=self.name) from e
-        except RequestTimeout as e:
+        except NoReply as e:
             raise NodeUnavailable(f"node {self.name} did not answer {method} within {timeout}s",
                                   node=self.name) from e
 

@@ -31,7 +31,7 @@ from typing import Any
 from pool.cr import criu
 
 from pool.copies import journal
-from pool.errors import InstanceNotFound, NodeUnavailable, PoolError, RestoreError, TemplateNotFound
+from pool.errors import InstanceNotFound, PoolError, RestoreError, ShuttingDown, TemplateNotFound
 from pool.node.faults import handover_counts_against_template
 from pool.cluster.config import ServiceConfig
 from pool.node.warm import EXITED, FAILED, KILLED, WarmPool
@@ -342,7 +342,7 @@ class NodeRuntime:
         if pool is not None:
             return pool
         if self.draining:
-            raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
+            raise ShuttingDown(f"node {self.name} is shutting down", node=self.name)
         image_bytes = None
         try:
             image_bytes = self.restorer.store.get(name).image_bytes
@@ -535,7 +535,7 @@ class NodeRuntime:
 
         t0 = time.perf_counter()
         if self.draining:
-            raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
+            raise ShuttingDown(f"node {self.name} is shutting down", node=self.name)
         try:
             pool = self._pool(template)
             if pool.unbuilt:  # published a moment ago (a shipped template), before the next tick
@@ -637,7 +637,7 @@ class NodeRuntime:
         from pool.errors import BadRequest  # noqa: PLC0415
 
         if self.winding_down:
-            raise NodeUnavailable(f"node {self.name} is shutting down", node=self.name)
+            raise ShuttingDown(f"node {self.name} is shutting down", node=self.name)
         pool = self._pool(template)
         pool.check_min_warm(min_warm)
         warm_elsewhere = sum(p.settings.min_warm for n, p in self.pools.items() if n != template)

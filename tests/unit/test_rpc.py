@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 import pool
 from pool import errors
 from pool.wire import protocol as P
-from pool.wire.rpc import InternalError, RequestTimeout, RpcClient, RpcServer, SyncRpcClient
+from pool.errors import InternalError, NoReply, PoolTimeout
+from pool.wire.rpc import RpcClient, RpcServer, SyncRpcClient
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 # libuv opens a process-wide pipe with its first loop and keeps it; open it now, not inside a test
@@ -223,10 +224,10 @@ def test_timeouts(arun, tmp_path):
     async def main():
         server, path = await started(tmp_path=tmp_path, request_timeout=0.05)
         async with await RpcClient.connect_unix(path) as client:
-            with pytest.raises(RequestTimeout, match="wait did not finish") as e:
+            with pytest.raises(PoolTimeout, match="wait did not finish") as e:
                 await client.call("wait", {"id": "a", "timeout": 10})
             assert e.value.code == "timeout"
-            with pytest.raises(RequestTimeout, match="no reply"):  # the client's own deadline
+            with pytest.raises(NoReply, match="no reply"):  # the client's own deadline
                 await client.call("wait", {"id": "b", "timeout": 0.04}, timeout=0.001)
             assert await client.call("ping") == "pong"  # the late reply was dropped quietly
         await server.close()
