@@ -8,7 +8,6 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -392,7 +391,7 @@ def test_a_connection_with_a_request_in_flight_is_not_idle(arun, tmp_path):
 
 
 def test_clients_reconnect_after_an_idle_close(serve_in_thread):
-    server, path, loop = serve_in_thread(idle_timeout=0.05)
+    server, path, loop = serve_in_thread(Handler(), tokens={TOKEN}, idle_timeout=0.05)
     c = pool.Client(path, token=TOKEN)
     try:
         assert c.ping() == "pong"
@@ -405,7 +404,7 @@ def test_clients_reconnect_after_an_idle_close(serve_in_thread):
         ac = await pool.AsyncClient.connect(path, token=TOKEN)
         async with ac:
             assert await ac.ping() == "pong"
-            await until(lambda: ac._rpc.closed)
+            await until(lambda: ac._transport.rpc.closed)
             assert await asyncio.gather(ac.ping(), ac.ping()) == ["pong", "pong"]
     asyncio.run(with_async_client())
 
@@ -472,33 +471,8 @@ def test_socket_file_lifecycle(arun, tmp_path):
 
 # --- the blocking client ---------------------------------------------------------------------------
 @pytest.fixture
-def serve_in_thread(tmp_path):
-    """serve_in_thread(**RpcServer kwargs) -> (server, path, loop): an RpcServer (token TOKEN) on a loop
-    in a thread, for blocking clients. Stopped at the end."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    servers = []
-
-    def start(**kw):
-        server = RpcServer(Handler(), tokens={TOKEN}, name="sync-node", **kw)
-        servers.append(server)
-        path = asyncio.run_coroutine_threadsafe(server.start_unix(tmp_path / "pool.sock"), loop).result(5)
-        return server, path, loop
-
-    thread.start()
-    try:
-        yield start
-    finally:
-        for server in servers:
-            asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-
-
-@pytest.fixture
 def threaded_server(serve_in_thread):
-    return serve_in_thread()
+    return serve_in_thread(Handler(), tokens={TOKEN}, name="sync-node")
 
 
 def test_sync_client(threaded_server):
