@@ -2,9 +2,10 @@
 
 Public API (imported lazily, so `import pool.runtime` inside applications stays light):
 
-    pool.spawn(name, env=..., args=..., timeout=...) -> pool.Instance
-    pool.Client, pool.AsyncClient, pool.Instance
-    pool.errors and its classes: pool.PoolError, pool.NoCapacity, pool.Quarantined, ...
+    pool.spawn(name, env=..., args=..., timeout=..., hostname=..., node=...) -> pool.Instance
+    pool.Client, pool.AsyncClient, pool.Instance, pool.AsyncInstance
+    pool.errors and its classes: pool.PoolError, pool.NoCapacity, pool.Quarantined, ... (the
+    taxonomy, with whose fault each is and whether to retry: pool.errors' docstring)
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 _FROM_CLIENT = {"spawn", "Client", "AsyncClient", "Instance", "AsyncInstance", "close_default"}
 _FROM_ERRORS = {"PoolError", "NoCapacity", "Quarantined", "TemplateNotFound", "InstanceNotFound",
                 "RestoreError", "NodeUnavailable", "BadRequest", "AuthError", "ProtocolError",
-                "CriuError", "Incompatible", "SpecError"}
+                "CriuError", "Incompatible", "SpecError", "ShuttingDown", "PoolTimeout", "NoReply",
+                "InternalError", "TransferError"}
 
 __all__ = sorted(_FROM_CLIENT | _FROM_ERRORS | {"errors"})
 

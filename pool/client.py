@@ -3,8 +3,14 @@
 
     import pool
     inst = pool.spawn("py-hello", env={"GREETING": "hi"}, args=["--fast"])
-    print(inst.id, inst.address, inst.path)   # "127.0.0.1:PORT", "warm" or "restore"
+    print(inst.id, inst.address, inst.served_by)   # "127.0.0.1:PORT", "warm" or "restore"
     inst.kill()
+
+Every RPC method a client may call is declared once, in METHODS: its parameters (the declaration's
+signature), the request it makes and how the reply becomes its result. `Client` and `AsyncClient` get
+their methods from that table, over two transports: a blocking connection (SyncRpcClient) and an
+asyncio one (RpcClient). So the two clients cannot drift apart; the same goes for `Instance` and
+`AsyncInstance`, whose methods are the client's with the instance's id filled in.
 
 Errors are the typed ones from pool.errors (NoCapacity, Quarantined, TemplateNotFound, ...); a missing
 service is NodeUnavailable with a one-line hint.
@@ -12,45 +18,34 @@ service is NodeUnavailable with a one-line hint.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from pool import config
-from pool.errors import NodeUnavailable
+from pool.errors import NodeUnavailable, ProtocolError
+from pool.wire.rpc import RpcClient, SyncRpcClient, idle_close
 
-SPAWN_SLACK = 5.0  # seconds the RPC call may take beyond the spawn's own timeout
-
-
-def _no_service(where: str, e: BaseException) -> NodeUnavailable:
-    cause = e.__cause__ if isinstance(e, NodeUnavailable) and e.__cause__ else e
-    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
-    return NodeUnavailable(f"no pool service at {where}: start one with `pool serve` ({why})",
-                           socket=where)
+SPAWN_SLACK = 5.0           # seconds the RPC call may take beyond the spawn's own timeout
+DEFAULT_CALL_TIMEOUT = 60.0  # seconds a call without a timeout of its own may take
 
 
-def _spawn_params(template: str, env: dict[str, str] | None, args: list[str] | None,
-                  timeout: float, hostname: str | None, node: str | None) -> dict[str, Any]:
-    p: dict[str, Any] = {"template": template, "env": dict(env or {}), "args": list(args or []),
-                         "timeout": float(timeout)}
-    if hostname is not None:
-        p["hostname"] = hostname
-    if node is not None:
-        p["node"] = node
-    return p
-
-
+# --- the handle a spawn returns -----------------------------------------------------------------------
 @dataclass
 class Instance:
-    """A spawned copy, as a client sees it. kill/wait/logs/info go through the client that made it."""
+    """A spawned copy, as a client sees it. kill/wait/logs/info go through the client that made it.
+
+    served_by says how the spawn was served: "warm" (a prewarmed copy) or "restore" (restored on a
+    miss); `path` is the same value under its older name (and the reply's field name)."""
 
     id: str
     template: str
     pid: int
     address: str | None
-    path: str                 # "warm" (a prewarmed copy) or "restore" (restored on a miss)
+    served_by: str
     node: str = "local"
     spawn_ms: float = 0.0
     _client: Any = field(default=None, repr=False, compare=False)
@@ -58,48 +53,225 @@ class Instance:
     @classmethod
     def _from(cls, reply: dict, client: Any) -> Instance:
         return cls(id=reply["id"], template=reply["template"], pid=reply["pid"],
-                   address=reply.get("address"), path=reply["path"], node=reply.get("node", "local"),
-                   spawn_ms=reply.get("spawn_ms", 0.0), _client=client)
+                   address=reply.get("address"), served_by=reply["path"],
+                   node=reply.get("node", "local"), spawn_ms=reply.get("spawn_ms", 0.0), _client=client)
+
+    @property
+    def path(self) -> str:
+        """The same as served_by (kept for callers written before it)."""
+        return self.served_by
 
     @property
     def url(self) -> str | None:
         return f"http://{self.address}/" if self.address else None
 
-    def kill(self, grace: float = 3.0) -> dict:
-        return self._client.kill(self.id, grace)
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        """The exit status once the copy has ended (negative: signal), None at timeout."""
-        return self._client.wait(self.id, timeout)["exit_status"]
-
-    def logs(self, stream: str = "stdout", offset: int = 0, limit: int = 65536) -> bytes:
-        return self._client.logs(self.id, stream, offset, limit)["data"]
-
-    def info(self) -> dict:
-        return self._client.info(self.id)
+class AsyncInstance(Instance):
+    """Instance whose methods are coroutines (returned by AsyncClient)."""
 
 
-class Client:
-    """Blocking client on one connection (unix socket by default; TCP with a token). Not thread-safe:
-    use one per thread (pool.spawn() does)."""
+# --- the method table ---------------------------------------------------------------------------------
+def _reply(reply: Any, client: Any) -> Any:
+    return reply
 
-    def __init__(self, socket: str | os.PathLike | None = None, *, tcp: str | None = None,
-                 token: str | None = None, timeout: float = 5.0) -> None:
-        self.where = tcp or str(socket or config.socket_path())
+
+def _instance(reply: dict, client: Any) -> Instance:
+    return client.instance_type._from(reply, client)
+
+
+class Call(NamedTuple):
+    """One request as a client method makes it, and what becomes of its reply."""
+
+    method: str
+    params: dict[str, Any]
+    timeout: float | None = DEFAULT_CALL_TIMEOUT  # how long the call may take; None: no limit
+    result: Callable[[Any, Any], Any] = _reply    # (reply, client) -> what the method returns
+
+
+class _Declarations:
+    """One function per RPC method: its signature is the client method's, it returns the Call.
+    (A class only as a namespace, so `list` is not shadowed in this module.)"""
+
+    @staticmethod
+    def ping() -> Call:
+        return Call("ping", {})
+
+    @staticmethod
+    def spawn(template: str, env: dict[str, str] | None = None, args: list[str] | None = None,
+              timeout: float = 30.0, hostname: str | None = None, node: str | None = None) -> Call:
+        """Spawn a copy of template, on node if given; returns its Instance (AsyncInstance)."""
+        params: dict[str, Any] = {"template": template, "env": dict(env or {}),
+                                  "args": list(args or []), "timeout": float(timeout)}
+        if hostname is not None:
+            params["hostname"] = hostname
+        if node is not None:
+            params["node"] = node
+        return Call("spawn", params, timeout + SPAWN_SLACK, _instance)
+
+    @staticmethod
+    def kill(id: str, grace: float = 3.0) -> Call:  # noqa: A002
+        """Kill instance id (SIGTERM, SIGKILL after grace seconds); the reply has its exit_status."""
+        return Call("kill", {"id": id, "grace": float(grace)}, grace + 30)
+
+    @staticmethod
+    def wait(id: str, timeout: float | None = None) -> Call:  # noqa: A002
+        """Until instance id ends or timeout; the reply's exit_status is None if it still runs."""
+        return Call("wait", {"id": id, "timeout": None if timeout is None else float(timeout)},
+                    None if timeout is None else timeout + SPAWN_SLACK)
+
+    @staticmethod
+    def list(template: str | None = None) -> Call:
+        """The live instances (of template, if given)."""
+        return Call("list", {"template": template})
+
+    @staticmethod
+    def info(id: str) -> Call:  # noqa: A002
+        return Call("info", {"id": id})
+
+    @staticmethod
+    def logs(id: str, stream: str = "stdout", offset: int = 0, limit: int = 65536) -> Call:  # noqa: A002
+        """Up to limit bytes of instance id's stdout or stderr from offset (the reply's data)."""
+        return Call("logs", {"id": id, "stream": stream, "offset": offset, "limit": limit})
+
+    @staticmethod
+    def templates() -> Call:
+        return Call("templates", {})
+
+    @staticmethod
+    def stats() -> Call:
+        return Call("stats", {})
+
+    @staticmethod
+    def set_warm(template: str, min_warm: int) -> Call:
+        """Keep min_warm copies of template warm (also lifts its quarantine)."""
+        return Call("set_warm", {"template": template, "min_warm": min_warm})
+
+    @staticmethod
+    def nodes() -> Call:
+        return Call("nodes", {})
+
+    @staticmethod
+    def push(template: str, node: str, timeout: float = 600.0) -> Call:
+        """Ship template's current build to node."""
+        return Call("push", {"template": template, "node": node, "timeout": float(timeout)},
+                    timeout + SPAWN_SLACK)
+
+    @staticmethod
+    def fork(id: str, node: str | None = None, lazy: bool = False,  # noqa: A002
+             hostname: str | None = None, timeout: float = 120.0) -> Call:
+        """Checkpoint running instance id (it keeps running) and restore a copy on node; the
+        reply is the copy's (id, node, pid, address, path, forked_from)."""
+        return Call("fork", {"id": id, "node": node, "lazy": lazy, "hostname": hostname,
+                             "timeout": float(timeout)}, timeout * 3 + SPAWN_SLACK)
+
+
+# RPC method name -> its declaration. Both clients have exactly these methods.
+METHODS: dict[str, Callable[..., Call]] = {
+    name: getattr(_Declarations, name) for name, fn in vars(_Declarations).items()
+    if isinstance(fn, staticmethod)}
+
+# Instance methods: the client method of the same name with the instance's id, and which field of
+# the reply they return (None: all of it).
+INSTANCE_METHODS: dict[str, str | None] = {"kill": None, "wait": "exit_status", "logs": "data",
+                                           "info": None}
+
+
+def _as_method(fn: Callable, owner: type, name: str, like: Callable, drop: str | None = None) -> Callable:
+    """fn as method `name` of owner, showing the signature and doc of `like` (without param drop)."""
+    params = [p for p in inspect.signature(like).parameters.values() if p.name != drop]
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fn.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
+    fn.__name__, fn.__qualname__ = name, f"{owner.__qualname__}.{name}"
+    fn.__doc__ = like.__doc__
+    fn.__module__ = owner.__module__
+    return fn
+
+
+def _blocking_method(owner: type, name: str, declare: Callable[..., Call]) -> Callable:
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        call = declare(*args, **kwargs)
+        return call.result(self.call(call.method, call.params, call.timeout), self)
+    return _as_method(method, owner, name, declare)
+
+
+def _async_method(owner: type, name: str, declare: Callable[..., Call]) -> Callable:
+    async def method(self, *args: Any, **kwargs: Any) -> Any:
+        call = declare(*args, **kwargs)
+        return call.result(await self.call(call.method, call.params, call.timeout), self)
+    return _as_method(method, owner, name, declare)
+
+
+def _blocking_instance_method(owner: type, name: str, field_: str | None) -> Callable:
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        reply = getattr(self._client, name)(self.id, *args, **kwargs)
+        return reply if field_ is None else reply[field_]
+    return _as_method(method, owner, name, METHODS[name], drop="id")
+
+
+def _async_instance_method(owner: type, name: str, field_: str | None) -> Callable:
+    async def method(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await getattr(self._client, name)(self.id, *args, **kwargs)
+        return reply if field_ is None else reply[field_]
+    return _as_method(method, owner, name, METHODS[name], drop="id")
+
+
+for _name, _field in INSTANCE_METHODS.items():
+    setattr(Instance, _name, _blocking_instance_method(Instance, _name, _field))
+    setattr(AsyncInstance, _name, _async_instance_method(AsyncInstance, _name, _field))
+
+
+def _client_methods(make: Callable[[type, str, Callable[..., Call]], Callable]) -> Callable[[type], type]:
+    """Class decorator: one method per METHODS entry, made by make (blocking or async)."""
+    def decorate(cls: type) -> type:
+        for name, declare in METHODS.items():
+            setattr(cls, name, make(cls, name, declare))
+        return cls
+    return decorate
+
+
+# --- the transports -----------------------------------------------------------------------------------
+def _no_service(where: str, e: BaseException) -> NodeUnavailable:
+    cause = e.__cause__ if isinstance(e, NodeUnavailable) and e.__cause__ else e
+    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return NodeUnavailable(f"no pool service at {where}: start one with `pool serve` ({why})",
+                           socket=where)
+
+
+def _open(kind: type, where: str, tcp: str | None, token: str | None, timeout: float) -> Any:
+    """kind.connect_tcp or kind.connect_unix: a SyncRpcClient, or a coroutine for an RpcClient."""
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        return kind.connect_tcp(host, int(port), token or "", timeout=timeout)
+    return kind.connect_unix(where, token, timeout=timeout)
+
+
+class _Endpoint(NamedTuple):
+    where: str                # the socket path, or HOST:PORT
+    tcp: str | None
+    token: str | None
+    timeout: float            # for connecting
+
+
+def _endpoint(socket: str | os.PathLike | None, tcp: str | None, token: str | None,
+              timeout: float) -> _Endpoint:
+    return _Endpoint(tcp or str(socket or config.socket_path()), tcp, token, timeout)
+
+
+class _BlockingTransport:
+    """One blocking connection (SyncRpcClient). After the server closed it as idle it reconnects,
+    and sends again a request the server never read; any other loss marks it broken."""
+
+    def __init__(self, endpoint: _Endpoint) -> None:
+        self.endpoint = endpoint
         self.broken = False
-        self._tcp, self._token, self._timeout = tcp, token, timeout
         self._rpc = self._connect()
 
-    def _connect(self) -> Any:
-        from pool.wire.rpc import SyncRpcClient  # noqa: PLC0415
-
+    def _connect(self) -> SyncRpcClient:
+        e = self.endpoint
         try:
-            if self._tcp:
-                host, _, port = self._tcp.rpartition(":")
-                return SyncRpcClient.connect_tcp(host, int(port), self._token or "", timeout=self._timeout)
-            return SyncRpcClient.connect_unix(self.where, self._token, timeout=self._timeout)
-        except (OSError, TimeoutError, NodeUnavailable) as e:
-            raise _no_service(self.where, e) from e
+            return _open(SyncRpcClient, e.where, e.tcp, e.token, e.timeout)
+        except (OSError, TimeoutError, NodeUnavailable) as err:
+            raise _no_service(e.where, err) from err
 
     def _reconnect(self) -> None:
         self._rpc.close()
@@ -109,11 +281,7 @@ class Client:
             self.broken = True
             raise
 
-    def call(self, method: str, params: dict[str, Any] | None = None,
-             timeout: float | None = 60.0) -> Any:
-        from pool.errors import ProtocolError  # noqa: PLC0415
-        from pool.wire.rpc import idle_close  # noqa: PLC0415
-
+    def call(self, method: str, params: dict[str, Any] | None, timeout: float | None) -> Any:
         if self._rpc.closed_as_idle():  # the server closed it while we were idle: open a new one
             self._reconnect()
         try:
@@ -122,63 +290,112 @@ class Client:
             if not idle_close(e):
                 self.broken = True  # the connection is gone: pool.spawn() reconnects next time
                 raise
-        except NodeUnavailable:
+        except NodeUnavailable:  # ShuttingDown too: a new connection may find a new service
             self.broken = True
             raise
         # Closed as idle just as the request went out: the server never read it, so send it again.
         self._reconnect()
         return self._rpc.call(method, params, timeout)
 
-    def spawn(self, template: str, env: dict[str, str] | None = None, args: list[str] | None = None,
-              timeout: float = 30.0, hostname: str | None = None, node: str | None = None) -> Instance:
-        reply = self.call("spawn", _spawn_params(template, env, args, timeout, hostname, node),
-                          timeout + SPAWN_SLACK)
-        return Instance._from(reply, self)
-
-    def kill(self, id: str, grace: float = 3.0) -> dict:  # noqa: A002
-        return self.call("kill", {"id": id, "grace": float(grace)}, grace + 30)
-
-    def wait(self, id: str, timeout: float | None = None) -> dict:  # noqa: A002
-        params = {"id": id, "timeout": None if timeout is None else float(timeout)}
-        return self.call("wait", params, None if timeout is None else timeout + SPAWN_SLACK)
-
-    def list(self, template: str | None = None) -> list[dict]:
-        return self.call("list", {"template": template})
-
-    def info(self, id: str) -> dict:  # noqa: A002
-        return self.call("info", {"id": id})
-
-    def logs(self, id: str, stream: str = "stdout", offset: int = 0, limit: int = 65536) -> dict:  # noqa: A002
-        return self.call("logs", {"id": id, "stream": stream, "offset": offset, "limit": limit})
-
-    def templates(self) -> list[dict]:
-        return self.call("templates")
-
-    def stats(self) -> dict:
-        return self.call("stats")
-
-    def set_warm(self, template: str, min_warm: int) -> dict:
-        return self.call("set_warm", {"template": template, "min_warm": min_warm})
-
-    def ping(self) -> dict:
-        return self.call("ping")
-
-    def nodes(self) -> list[dict]:
-        return self.call("nodes")
-
-    def push(self, template: str, node: str, timeout: float = 600.0) -> dict:
-        return self.call("push", {"template": template, "node": node, "timeout": float(timeout)},
-                         timeout + SPAWN_SLACK)
-
-    def fork(self, id: str, node: str | None = None, lazy: bool = False,  # noqa: A002
-             hostname: str | None = None, timeout: float = 120.0) -> dict:
-        """Checkpoint running instance id (it keeps running) and restore a copy on node; the
-        reply is the copy's (id, node, pid, address, path, forked_from)."""
-        return self.call("fork", {"id": id, "node": node, "lazy": lazy, "hostname": hostname,
-                                  "timeout": float(timeout)}, timeout * 3 + SPAWN_SLACK)
-
     def close(self) -> None:
         self._rpc.close()
+
+
+class _AsyncTransport:
+    """One asyncio connection (RpcClient), shared by concurrent calls. After the server closed it
+    as idle it reconnects, and sends again a request the server never read."""
+
+    def __init__(self, endpoint: _Endpoint) -> None:
+        self.endpoint = endpoint
+        self.broken = False
+        self._rpc: RpcClient | None = None
+        self._reconnecting = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, endpoint: _Endpoint) -> _AsyncTransport:
+        transport = cls(endpoint)
+        transport._rpc = await transport._connect()
+        return transport
+
+    @property
+    def rpc(self) -> RpcClient:
+        assert self._rpc is not None, "_AsyncTransport.connect() makes a connected one"
+        return self._rpc
+
+    async def _connect(self) -> RpcClient:
+        e = self.endpoint
+        try:
+            return await _open(RpcClient, e.where, e.tcp, e.token, e.timeout)
+        except (OSError, TimeoutError, NodeUnavailable) as err:
+            raise _no_service(e.where, err) from err
+
+    async def _reconnect(self) -> None:
+        # Concurrent callers may all see the idle close: only the first one reconnects.
+        async with self._reconnecting:
+            if await self.rpc.closed_as_idle():
+                await self.rpc.close()
+                try:
+                    self._rpc = await self._connect()
+                except NodeUnavailable:
+                    self.broken = True
+                    raise
+
+    async def call(self, method: str, params: dict[str, Any] | None, timeout: float | None) -> Any:
+        if await self.rpc.closed_as_idle():
+            await self._reconnect()
+        try:
+            return await self.rpc.call(method, params, timeout)
+        except ProtocolError as e:
+            if not idle_close(e):
+                self.broken = True
+                raise
+        except NodeUnavailable:
+            self.broken = True
+            raise
+        await self._reconnect()  # closed as idle as the request went out: it never ran, send it again
+        return await self.rpc.call(method, params, timeout)
+
+    async def close(self) -> None:
+        if self._rpc is not None:
+            await self._rpc.close()
+
+
+# --- the clients ----------------------------------------------------------------------------------------
+@_client_methods(_blocking_method)
+class Client:
+    """Blocking client on one connection (unix socket by default; TCP with a token). Not thread-safe:
+    use one per thread (pool.spawn() does). Its methods are METHODS'."""
+
+    instance_type = Instance
+
+    def __init__(self, socket: str | os.PathLike | None = None, *, tcp: str | None = None,
+                 token: str | None = None, timeout: float = 5.0) -> None:
+        self._transport = _BlockingTransport(_endpoint(socket, tcp, token, timeout))
+
+    @classmethod
+    def _over(cls, transport: Any) -> Client:
+        """A client on a transport of your own (anything with call(method, params, timeout) and
+        close(), e.g. a fake in tests)."""
+        client = cls.__new__(cls)
+        client._transport = transport
+        return client
+
+    @property
+    def where(self) -> str:
+        return self._transport.endpoint.where
+
+    @property
+    def broken(self) -> bool:
+        """The connection is gone; a new Client is needed (pool.spawn() makes one by itself)."""
+        return self._transport.broken
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             timeout: float | None = DEFAULT_CALL_TIMEOUT) -> Any:
+        """One request by name (for methods this client has no method for)."""
+        return self._transport.call(method, params, timeout)
+
+    def close(self) -> None:
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -187,114 +404,43 @@ class Client:
         self.close()
 
 
-class AsyncInstance(Instance):
-    """Instance whose methods are coroutines (returned by AsyncClient)."""
-
-    async def kill(self, grace: float = 3.0) -> dict:  # type: ignore[override]
-        return await self._client.kill(self.id, grace)
-
-    async def wait(self, timeout: float | None = None) -> int | None:  # type: ignore[override]
-        return (await self._client.wait(self.id, timeout))["exit_status"]
-
-    async def logs(self, stream: str = "stdout", offset: int = 0,  # type: ignore[override]
-                   limit: int = 65536) -> bytes:
-        return (await self._client.logs(self.id, stream, offset, limit))["data"]
-
-    async def info(self) -> dict:  # type: ignore[override]
-        return await self._client.info(self.id)
-
-
+@_client_methods(_async_method)
 class AsyncClient:
     """asyncio client: `async with await AsyncClient.connect() as c: inst = await c.spawn(...)`.
-    Concurrent calls on one client are fine (pipelined on one connection)."""
+    Concurrent calls on one client are fine (pipelined on one connection). Its methods are METHODS',
+    as coroutines."""
 
-    def __init__(self, where: str, tcp: str | None, token: str | None, timeout: float) -> None:
-        self.where = where
-        self._tcp, self._token, self._timeout = tcp, token, timeout
-        self._rpc: Any = None
-        self._reconnecting = asyncio.Lock()
+    instance_type = AsyncInstance
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
 
     @classmethod
     async def connect(cls, socket: str | os.PathLike | None = None, *, tcp: str | None = None,
                       token: str | None = None, timeout: float = 5.0) -> AsyncClient:
-        client = cls(tcp or str(socket or config.socket_path()), tcp, token, timeout)
-        client._rpc = await client._connect()
-        return client
+        return cls(await _AsyncTransport.connect(_endpoint(socket, tcp, token, timeout)))
 
-    async def _connect(self) -> Any:
-        from pool.wire.rpc import RpcClient  # noqa: PLC0415
+    @classmethod
+    def _over(cls, transport: Any) -> AsyncClient:
+        """A client on a transport of your own (anything with async call(method, params, timeout)
+        and close(), e.g. a fake in tests)."""
+        return cls(transport)
 
-        try:
-            if self._tcp:
-                host, _, port = self._tcp.rpartition(":")
-                return await RpcClient.connect_tcp(host, int(port), self._token or "", timeout=self._timeout)
-            return await RpcClient.connect_unix(self.where, self._token, timeout=self._timeout)
-        except (OSError, TimeoutError, NodeUnavailable) as e:
-            raise _no_service(self.where, e) from e
+    @property
+    def where(self) -> str:
+        return self._transport.endpoint.where
 
-    async def _reconnect(self) -> None:
-        # Concurrent callers may all see the idle close: only the first one reconnects.
-        async with self._reconnecting:
-            if await self._rpc.closed_as_idle():
-                await self._rpc.close()
-                self._rpc = await self._connect()
+    @property
+    def broken(self) -> bool:
+        return self._transport.broken
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
-                   timeout: float | None = 60.0) -> Any:
-        from pool.wire.rpc import idle_close  # noqa: PLC0415
-
-        if await self._rpc.closed_as_idle():
-            await self._reconnect()
-        try:
-            return await self._rpc.call(method, params, timeout)
-        except Exception as e:
-            if not idle_close(e):
-                raise
-        await self._reconnect()  # closed as idle as the request went out: it never ran, send it again
-        return await self._rpc.call(method, params, timeout)
-
-    async def spawn(self, template: str, env: dict[str, str] | None = None,
-                    args: list[str] | None = None, timeout: float = 30.0,
-                    hostname: str | None = None, node: str | None = None) -> AsyncInstance:
-        reply = await self.call("spawn", _spawn_params(template, env, args, timeout, hostname, node),
-                                timeout + SPAWN_SLACK)
-        return AsyncInstance._from(reply, self)
-
-    async def kill(self, id: str, grace: float = 3.0) -> dict:  # noqa: A002
-        return await self.call("kill", {"id": id, "grace": float(grace)}, grace + 30)
-
-    async def wait(self, id: str, timeout: float | None = None) -> dict:  # noqa: A002
-        params = {"id": id, "timeout": None if timeout is None else float(timeout)}
-        return await self.call("wait", params, None if timeout is None else timeout + SPAWN_SLACK)
-
-    async def list(self, template: str | None = None) -> list[dict]:
-        return await self.call("list", {"template": template})
-
-    async def info(self, id: str) -> dict:  # noqa: A002
-        return await self.call("info", {"id": id})
-
-    async def logs(self, id: str, stream: str = "stdout", offset: int = 0,  # noqa: A002
-                   limit: int = 65536) -> dict:
-        return await self.call("logs", {"id": id, "stream": stream, "offset": offset,
-                                        "limit": limit})
-
-    async def templates(self) -> list[dict]:
-        return await self.call("templates")
-
-    async def stats(self) -> dict:
-        return await self.call("stats")
-
-    async def set_warm(self, template: str, min_warm: int) -> dict:
-        return await self.call("set_warm", {"template": template, "min_warm": min_warm})
-
-    async def ping(self) -> dict:
-        return await self.call("ping")
-
-    async def nodes(self) -> list[dict]:
-        return await self.call("nodes")
+                   timeout: float | None = DEFAULT_CALL_TIMEOUT) -> Any:
+        """One request by name (for methods this client has no method for)."""
+        return await self._transport.call(method, params, timeout)
 
     async def close(self) -> None:
-        await self._rpc.close()
+        await self._transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -330,6 +476,7 @@ def close_default() -> None:
 
 
 def spawn(name: str, env: dict[str, str] | None = None, args: list[str] | None = None,
-          timeout: float = 30.0, hostname: str | None = None) -> Instance:
+          timeout: float = 30.0, hostname: str | None = None, node: str | None = None) -> Instance:
     """Spawn a copy of template name through the service at $POOL_SOCKET (default /run/pool/pool.sock)."""
-    return default_client().spawn(name, env=env, args=args, timeout=timeout, hostname=hostname)
+    return default_client().spawn(name, env=env, args=args, timeout=timeout, hostname=hostname,
+                                  node=node)

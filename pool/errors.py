@@ -1,7 +1,40 @@
 """One hierarchy of errors for the whole package.
 
 Every error carries a stable `code` (used on the wire) and the structured facts a caller needs
-(`data`), so a client can act on an error without parsing its message.
+(`data`), so a client can act on an error without parsing its message. A client rebuilds the same
+class from an error reply (from_wire); a code it does not know becomes RemoteError.
+
+Whose fault an error is decides two things: whether a caller should retry, and whether a failed copy
+counts toward its template's quarantine (pool.node.faults: only the template's own faults do).
+
+| class                          | code               | whose fault                              | retry?                            |
+|--------------------------------|--------------------|------------------------------------------|-----------------------------------|
+| PoolError                      | pool_error         | (base of all)                            |                                   |
+| CriuError                      | criu_error         | (base of the CRIU errors)                |                                   |
+| CriuUnavailable(CriuError)     | criu_unavailable   | the node: CRIU missing or unreachable     | after fixing the node / elsewhere |
+| CriuFailed(CriuError)          | criu_failed        | the template, unless its errno or log is a node resource (EMFILE, ENOMEM, ENOSPC, ...) | node resource: later; else no |
+| CriuTimeout(CriuFailed)        | criu_timeout       | the template (CRIU hung on its image)     | no                                |
+| SpecError                      | spec_error         | the template's spec file                  | no: fix the named field           |
+| TemplateNotFound               | template_not_found | the caller (or not built yet)             | after `pool build`                |
+| TemplateCorrupt                | template_corrupt   | the store                                 | after a rebuild                   |
+| Incompatible                   | incompatible       | this node vs the image (CRIU, kernel, CPU) | on another node                   |
+| BuildError                     | build_failed       | the app, at the named step (errno ENOSPC: the disk) | after fixing it          |
+| RestoreError                   | restore_failed     | the template, unless raised from a node fault | yes, a few times                |
+| InstanceNotFound               | instance_not_found | the caller (or the copy is gone)          | no                                |
+| NoCapacity                     | no_capacity        | load: every allowed copy is in use        | yes, later                        |
+| Quarantined                    | quarantined        | the template (failed N times in a row)    | after `pool set-warm`             |
+| NodeUnavailable                | node_unavailable   | the node or the network                   | yes, later or on another node     |
+| ShuttingDown(NodeUnavailable)  | shutting_down      | nobody: the service is stopping           | yes, on a restarted service       |
+| TransferError                  | transfer_failed    | the network or the peer                   | yes                               |
+| PoolTimeout (a TimeoutError)   | timeout            | load: it did not finish within its deadline (no copy ready in time, the server's request_timeout) | yes, maybe with a longer timeout |
+| NoReply(PoolTimeout)           | no_reply           | the peer or the network: no reply within the caller's deadline | yes, if the request is safe to repeat (it may have run) |
+| ProtocolError                  | protocol_error     | the peer (not a pool, or a bug); an idle close by the server | reconnect (clients do it for an idle close) |
+| AuthError                      | auth_failed        | the caller's token                        | no                                |
+| BadRequest                     | bad_request        | the caller: names the method and param    | no                                |
+| InternalError                  | internal           | the service (a bug; it logged a traceback) | maybe; report it                 |
+| RemoteError                    | the peer's code    | unknown: a code this side does not know   | unknown                           |
+
+`except TimeoutError` catches PoolTimeout and NoReply; `except NodeUnavailable` catches ShuttingDown.
 """
 from __future__ import annotations
 
@@ -147,13 +180,37 @@ class Quarantined(PoolError):
 
 
 class NodeUnavailable(PoolError):
+    """A node or the service cannot be reached or cannot serve now."""
+
     code = "node_unavailable"
+
+
+class ShuttingDown(NodeUnavailable):
+    """The service (or a node, or a template's pool on it) is stopping and takes no new work."""
+
+    code = "shutting_down"
 
 
 class TransferError(PoolError):
     """Shipping a template between nodes failed (connection, peer, deadline); safe to retry."""
 
     code = "transfer_failed"
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+class PoolTimeout(PoolError, TimeoutError):
+    """Something did not finish within its deadline: no copy was ready within a spawn's timeout, or
+    a request ran past the server's request_timeout. Also a TimeoutError, so `except TimeoutError`
+    catches it."""
+
+    code = "timeout"
+
+
+class NoReply(PoolTimeout):
+    """A peer did not reply to a request within the caller's deadline (raised on the caller's side;
+    the request may still have run)."""
+
+    code = "no_reply"
 
 
 # --- wire -------------------------------------------------------------------------------------------
@@ -171,6 +228,12 @@ class BadRequest(PoolError):
     """A well-formed request with a wrong method or parameter."""
 
     code = "bad_request"
+
+
+class InternalError(PoolError):
+    """A handler failed with something other than a PoolError (a bug); the server logged it."""
+
+    code = "internal"
 
 
 class RemoteError(PoolError):
@@ -194,7 +257,7 @@ def from_wire(err: dict[str, Any]) -> PoolError:
     data = err.get("data") or {}
     for cls in _all_subclasses(PoolError):
         if cls.code == code:
-            exc = PoolError.__new__(cls)
+            exc = cls.__new__(cls)  # (not PoolError.__new__: PoolTimeout's base is OSError's)
             PoolError.__init__(exc, message, **data)
             for k, v in data.items():
                 if not hasattr(cls, k):  # never shadow methods or BaseException.args

@@ -19,11 +19,12 @@ import time
 from typing import Any
 
 from pool.cluster.scheduler import NodeView
-from pool.errors import InstanceNotFound, NodeUnavailable, PoolError, ProtocolError, TemplateNotFound
+from pool.errors import (InstanceNotFound, NodeUnavailable, NoReply, PoolError, ProtocolError,
+                         TemplateNotFound)
 from pool.templates.compat import NodeFacts, check, compatibility_problem, node_facts
 from pool.templates.transfer import TemplateSource
 from pool.wire.protocol import validate_params
-from pool.wire.rpc import RequestTimeout, RpcClient
+from pool.wire.rpc import RpcClient
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,6 @@ class RemoteNode:
     async def call(self, method: str, params: dict | None = None,
                    timeout: float | None = None) -> Any:
         """One call with a deadline; a lost node or deadline is NodeUnavailable."""
-
         client = self.client
         if client is None or client.closed:
             raise NodeUnavailable(f"node {self.name} is down ({self.last_error})", node=self.name)
@@ -156,7 +156,7 @@ class RemoteNode:
         except ProtocolError as e:
             raise NodeUnavailable(f"node {self.name} went away during {method}: {e.message}",
                                   node=self.name) from e
-        except RequestTimeout as e:
+        except NoReply as e:
             raise NodeUnavailable(f"node {self.name} did not answer {method} within {timeout}s",
                                   node=self.name) from e
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pool.errors import NodeUnavailable, PoolError
+from pool.errors import NodeUnavailable, PoolError, ShuttingDown
 from pool.fds import raise_nofile_limit
 from pool.cluster.config import ServiceConfig, read_token
 
@@ -183,7 +183,7 @@ class Service:
         from pool.cluster.scheduler import choose_node  # noqa: PLC0415
 
         if self._draining:
-            raise NodeUnavailable("the pool service is shutting down")
+            raise ShuttingDown("the pool service is shutting down")
         t0 = time.perf_counter()
         self._inflight += 1
         try:

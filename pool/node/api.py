@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pool.copies.restore import Identity, hand_over_async
-from pool.errors import BadRequest, NodeUnavailable, PoolError, RestoreError
+from pool.errors import BadRequest, PoolError, RestoreError, ShuttingDown
 from pool.node.faults import handover_counts_against_template
 from pool.node.table import Copy, CopyState
 from pool.node.warm import FAILED, KILLED
@@ -50,7 +50,7 @@ class NodeApi:
 
     def _refuse_if_draining(self) -> None:
         if self.rt.draining:
-            raise NodeUnavailable(f"node {self.rt.name} is shutting down", node=self.rt.name)
+            raise ShuttingDown(f"node {self.rt.name} is shutting down", node=self.rt.name)
 
     def describe(self, c: Copy) -> dict:
         d = c.inst.describe()
@@ -172,7 +172,7 @@ class NodeApi:
     async def rpc_set_warm(self, template: str, min_warm: int) -> dict:
         rt = self.rt
         if rt.pools.winding_down:
-            raise NodeUnavailable(f"node {rt.name} is shutting down", node=rt.name)
+            raise ShuttingDown(f"node {rt.name} is shutting down", node=rt.name)
         pool = rt.pools.get(template)
         pool.check_min_warm(min_warm)
         warm_elsewhere = rt.pools.warm_elsewhere(template)

@@ -17,16 +17,17 @@ import os
 from typing import Iterator
 
 from pool.errors import (BadRequest, CriuFailed, CriuUnavailable, NoCapacity, NodeUnavailable,
-                     PoolError, TemplateNotFound)
+                     PoolError, PoolTimeout, TemplateNotFound)
 
 # The node ran out of a shared resource: another template would have failed the same way.
 NODE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN,
                          errno.EDQUOT})
 # What CRIU writes into its log for them (its errno is not always known to us).
 _NODE_STRERRORS = tuple(os.strerror(n) for n in NODE_ERRNOS)
-# Not about the template: the caller, the node or the service's own state.
+# Not about the template: the caller, the node or the service's own state (NodeUnavailable includes
+# ShuttingDown; PoolTimeout is a deadline of the node's, not CRIU hanging on an image: CriuTimeout).
 _NOT_THE_TEMPLATE = (asyncio.CancelledError, BadRequest, NoCapacity, NodeUnavailable,
-                     CriuUnavailable, TemplateNotFound)
+                     CriuUnavailable, TemplateNotFound, PoolTimeout)
 # The kernel refused what the caller asked for (sethostname of a name it does not take).
 _CALLER_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG})
 

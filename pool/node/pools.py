@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from pool.errors import NodeUnavailable, PoolError, TemplateNotFound
+from pool.errors import PoolError, ShuttingDown, TemplateNotFound
 from pool.node.prefault import prefault_code
 from pool.node.settings import NodeSettings
 from pool.node.supervisor import Supervisor
@@ -47,7 +47,7 @@ class TemplatePools:
         if pool is not None:
             return pool
         if self.closed:
-            raise NodeUnavailable(f"node {self.node} is shutting down", node=self.node)
+            raise ShuttingDown(f"node {self.node} is shutting down", node=self.node)
         image_bytes = None
         try:
             image_bytes = self.restorer.store.get(name).image_bytes

@@ -42,7 +42,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
-from pool.errors import BadRequest, NoCapacity, PoolError, Quarantined, RestoreError, TemplateNotFound
+from pool.errors import (BadRequest, NoCapacity, PoolError, PoolTimeout, Quarantined, ShuttingDown,
+                         TemplateNotFound)
 from pool.node.faults import counts_against_template, describe
 
 T = TypeVar("T")
@@ -168,7 +169,7 @@ class WarmPool(Generic[T]):
 
     def _check_usable(self) -> None:
         if self._closing:
-            raise PoolError(f"template {self.name!r}: the pool is shutting down", template=self.name)
+            raise ShuttingDown(f"template {self.name!r}: the pool is shutting down", template=self.name)
         if self.unbuilt:
             raise TemplateNotFound(self.name, where="the store (configured, not built yet: "
                                                     f"`pool build {self.name}`)")
@@ -187,8 +188,8 @@ class WarmPool(Generic[T]):
             return NoCapacity(f"template {self.name!r}: the node's capacity is used up by the "
                               f"copies of all its templates; none freed up within {timeout:g} s",
                               template=self.name, timeout=timeout, limit="capacity")
-        return RestoreError("restoring on a miss", f"no copy of {self.name!r} was ready within "
-                                                   f"{timeout:g} s")
+        return PoolTimeout(f"template {self.name!r}: no copy was ready within {timeout:g} s",
+                           template=self.name, timeout=timeout)
 
     def _drop_waiter(self, fut: asyncio.Future) -> None:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -434,7 +435,7 @@ class WarmPool(Generic[T]):
         """Stop refilling, fail waiting spawns, cancel restores (what a running one produces is the
         restore()'s to discard), discard warm copies. Does not wait for restores to finish."""
         self._closing = True
-        err = PoolError(f"template {self.name!r}: the service is shutting down", template=self.name)
+        err = ShuttingDown(f"template {self.name!r}: the service is shutting down", template=self.name)
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(err)

@@ -23,25 +23,14 @@ from typing import Any, Awaitable, Callable
 
 from pool import fds
 from pool.wire import protocol as P
-from pool.errors import BadRequest, NoCapacity, NodeUnavailable, PoolError, ProtocolError
+from pool.errors import (BadRequest, InternalError, NoCapacity, NodeUnavailable, NoReply, PoolError,
+                         PoolTimeout, ProtocolError)
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0          # how long a closing connection may take to flush before it is aborted
 BACKLOG = 1024               # pending connects; past it a client's non-blocking connect fails (EAGAIN)
-
-
-class InternalError(PoolError):
-    """A handler failed with something other than a PoolError (a bug); the server logged it."""
-
-    code = "internal"
-
-
-class RequestTimeout(PoolError):
-    """A request did not finish in time (server request_timeout or client call timeout)."""
-
-    code = "timeout"
 
 
 @dataclass
@@ -339,7 +328,7 @@ class RpcServer:
             if not deadline.expired():  # raised by the handler itself: a bug like any other
                 reply = self._internal(req, ctx, e)
             else:
-                reply = P.make_error(req.id, RequestTimeout(
+                reply = P.make_error(req.id, PoolTimeout(
                     f"{req.method} did not finish within {self._request_timeout} s",
                     method=req.method, timeout=self._request_timeout))
         except Exception as e:
@@ -465,14 +454,17 @@ class RpcClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            async with asyncio.timeout(timeout):  # covers the write too: a server may stop reading
+            # The deadline covers the write too: a server may stop reading.
+            async with asyncio.timeout(timeout) as deadline:
                 async with self._lock:
                     self._writer.write(frame)
                     await self._writer.drain()
                 return await fut
-        except asyncio.TimeoutError:  # futures only ever hold PoolErrors, so this is our deadline
-            raise RequestTimeout(f"{method} got no reply within {timeout} s",
-                                 method=method, timeout=timeout) from None
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the server's own reply: a PoolTimeout (a TimeoutError too)
+            raise NoReply(f"{method} got no reply within {timeout} s",
+                          method=method, timeout=timeout) from None
         except ConnectionError as e:
             self._fail(ProtocolError(f"connection closed: {e}"))
             raise self._closed from None

@@ -27,7 +27,8 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
     svc.wait_warm("py-hello", 2)
     with svc.client() as c:
         inst = c.spawn("py-hello", env={"GREETING": "hi"}, args=["one", "two"], hostname="copy-a")
-        assert inst.path == "warm" and inst.node == "local" and inst.template == "py-hello"
+        assert inst.served_by == "warm" and inst.node == "local" and inst.template == "py-hello"
+        assert inst.path == "warm"                     # the older name of served_by
         assert inst.address.startswith("127.0.0.1:") and inst.spawn_ms > 0
         body = ask(inst.address, PROBES["py-hello"])
         assert body["instance"] == inst.id and body["args"] == ["one", "two"]
@@ -47,7 +48,7 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
         c.set_warm("py-hello", 0)                      # a miss: restored on demand
         svc.wait_warm("py-hello", 0)
         miss = c.spawn("py-hello")
-        assert miss.path == "restore"
+        assert miss.served_by == miss.path == "restore"
         assert ask(miss.address, PROBES["py-hello"])["instance"] == miss.id
         miss.kill(grace=0)
 
@@ -58,8 +59,8 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
 
     monkeypatch.setenv("POOL_SOCKET", str(svc.socket))  # the module-level API
     try:
-        inst = pool.spawn("py-hello", args=["x"])
-        assert ask(inst.address, PROBES["py-hello"])["args"] == ["x"]
+        inst = pool.spawn("py-hello", args=["x"], node="local")
+        assert ask(inst.address, PROBES["py-hello"])["args"] == ["x"] and inst.node == "local"
         inst.kill(grace=0)
     finally:
         pool.close_default()
@@ -68,6 +69,7 @@ def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
         async with await pool.AsyncClient.connect(svc.socket) as ac:
             insts = await asyncio.gather(*(ac.spawn("py-hello") for _ in range(3)))
             assert len({i.id for i in insts}) == 3
+            assert all(i.served_by in ("warm", "restore") for i in insts)
             await asyncio.gather(*(i.kill(grace=0) for i in insts))
             statuses = await asyncio.gather(*(i.wait() for i in insts))
             assert all(s is not None for s in statuses)
@@ -79,7 +81,7 @@ def test_cli_commands(service):
     svc.wait_warm("py-hello", 1)
     r = cli(svc, "spawn", "py-hello", "--env", "GREETING=cli", "--json", "--", "a1", "a2")
     inst = json.loads(r.stdout)
-    assert inst["path"] in ("warm", "restore")
+    assert inst["path"] == inst["served_by"] and inst["path"] in ("warm", "restore")
     body = ask(inst["address"], PROBES["py-hello"])
     assert body["args"] == ["a1", "a2"] and body["greeting"] == "cli"
     rows = json.loads(cli(svc, "ls", "--json").stdout)

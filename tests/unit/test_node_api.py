@@ -8,7 +8,7 @@ import pytest
 
 from nodefakes import FakeMetrics, FakeRestorer
 from pool.cluster.config import load_config
-from pool.errors import BadRequest, InstanceNotFound, NoCapacity, NodeUnavailable
+from pool.errors import BadRequest, InstanceNotFound, NoCapacity, ShuttingDown
 from pool.node.runtime import NodeRuntime
 from pool.node.settings import NodeSettings
 from pool.node.table import CopyState
@@ -142,9 +142,9 @@ def test_draining_refuses_new_spawns_and_ends_the_copies(tmp_path):
         await rt.drain(asyncio.Event())
         assert inst.signals == [signal.SIGTERM] and rt.table.find(r["id"]).exited
         assert (await api.handle("ping", {}))["draining"] is True
-        with pytest.raises(NodeUnavailable):
+        with pytest.raises(ShuttingDown):
             await spawn(api)
-        with pytest.raises(NodeUnavailable):
+        with pytest.raises(ShuttingDown):
             await api.handle("set_warm", {"template": "t", "min_warm": 1})
     run(node(tmp_path, t={}), test)
 

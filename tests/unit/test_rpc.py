@@ -8,7 +8,6 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from hypothesis import strategies as st
 import pool
 from pool import errors
 from pool.wire import protocol as P
-from pool.wire.rpc import InternalError, RequestTimeout, RpcClient, RpcServer, SyncRpcClient
+from pool.errors import InternalError, NoReply, PoolTimeout
+from pool.wire.rpc import RpcClient, RpcServer, SyncRpcClient
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 # libuv opens a process-wide pipe with its first loop and keeps it; open it now, not inside a test
@@ -223,10 +223,10 @@ def test_timeouts(arun, tmp_path):
     async def main():
         server, path = await started(tmp_path=tmp_path, request_timeout=0.05)
         async with await RpcClient.connect_unix(path) as client:
-            with pytest.raises(RequestTimeout, match="wait did not finish") as e:
+            with pytest.raises(PoolTimeout, match="wait did not finish") as e:
                 await client.call("wait", {"id": "a", "timeout": 10})
             assert e.value.code == "timeout"
-            with pytest.raises(RequestTimeout, match="no reply"):  # the client's own deadline
+            with pytest.raises(NoReply, match="no reply"):  # the client's own deadline
                 await client.call("wait", {"id": "b", "timeout": 0.04}, timeout=0.001)
             assert await client.call("ping") == "pong"  # the late reply was dropped quietly
         await server.close()
@@ -391,7 +391,7 @@ def test_a_connection_with_a_request_in_flight_is_not_idle(arun, tmp_path):
 
 
 def test_clients_reconnect_after_an_idle_close(serve_in_thread):
-    server, path, loop = serve_in_thread(idle_timeout=0.05)
+    server, path, loop = serve_in_thread(Handler(), tokens={TOKEN}, idle_timeout=0.05)
     c = pool.Client(path, token=TOKEN)
     try:
         assert c.ping() == "pong"
@@ -404,7 +404,7 @@ def test_clients_reconnect_after_an_idle_close(serve_in_thread):
         ac = await pool.AsyncClient.connect(path, token=TOKEN)
         async with ac:
             assert await ac.ping() == "pong"
-            await until(lambda: ac._rpc.closed)
+            await until(lambda: ac._transport.rpc.closed)
             assert await asyncio.gather(ac.ping(), ac.ping()) == ["pong", "pong"]
     asyncio.run(with_async_client())
 
@@ -471,33 +471,8 @@ def test_socket_file_lifecycle(arun, tmp_path):
 
 # --- the blocking client ---------------------------------------------------------------------------
 @pytest.fixture
-def serve_in_thread(tmp_path):
-    """serve_in_thread(**RpcServer kwargs) -> (server, path, loop): an RpcServer (token TOKEN) on a loop
-    in a thread, for blocking clients. Stopped at the end."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    servers = []
-
-    def start(**kw):
-        server = RpcServer(Handler(), tokens={TOKEN}, name="sync-node", **kw)
-        servers.append(server)
-        path = asyncio.run_coroutine_threadsafe(server.start_unix(tmp_path / "pool.sock"), loop).result(5)
-        return server, path, loop
-
-    thread.start()
-    try:
-        yield start
-    finally:
-        for server in servers:
-            asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-
-
-@pytest.fixture
 def threaded_server(serve_in_thread):
-    return serve_in_thread()
+    return serve_in_thread(Handler(), tokens={TOKEN}, name="sync-node")
 
 
 def test_sync_client(threaded_server):

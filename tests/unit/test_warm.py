@@ -5,8 +5,9 @@ import errno
 
 import pytest
 
-from pool.errors import (BadRequest, CriuFailed, CriuUnavailable, NoCapacity, NodeUnavailable,
-                         Quarantined, RestoreError, TemplateNotFound)
+from pool.errors import (BadRequest, CriuFailed, CriuTimeout, CriuUnavailable, NoCapacity,
+                         NodeUnavailable, NoReply, PoolTimeout, Quarantined, RestoreError,
+                         ShuttingDown, TemplateNotFound)
 from pool.node.faults import counts_against_template, handover_counts_against_template
 from pool.node.warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
 
@@ -112,6 +113,33 @@ def test_capacity_queue_then_no_capacity_and_a_freed_slot_serves_the_next_waiter
         p.exited(first, KILLED)
         copy, path = await waiter
         assert path == "restore" and p.live == 1
+    run(go())
+
+
+def test_no_copy_ready_in_time_is_a_timeout_not_a_restore_failure():
+    async def go():
+        f = Fakes(delay=60)                # the restore cannot finish within the spawn's timeout
+        p = make(f, min_warm=0, max_live=2)
+        with pytest.raises(PoolTimeout, match="no copy was ready within 0.01 s") as e:
+            await p.acquire(0.01)
+        assert isinstance(e.value, TimeoutError) and e.value.data == {"template": "t", "timeout": 0.01}
+        assert p.waiting == 0 and p.failures == 0 and not p.quarantined
+        await p.close()
+    run(go())
+
+
+def test_a_closing_pool_fails_waiting_and_new_spawns_with_shutting_down():
+    async def go():
+        f = Fakes(delay=60)
+        p = make(f, min_warm=0, max_live=2)
+        waiter = asyncio.ensure_future(p.acquire(30))
+        await settle()
+        assert p.waiting == 1
+        await p.close()
+        for pending in (waiter, p.acquire(1)):
+            with pytest.raises(ShuttingDown, match="shutting down"):
+                await pending
+        assert p.failures == 0
     run(go())
 
 
@@ -285,6 +313,10 @@ def _criu_restore_error(**kw):
     asyncio.CancelledError(),
     NoCapacity("full"),
     NodeUnavailable("shutting down"),
+    ShuttingDown("template 't': the pool is shutting down", template="t"),
+    _raised_from(RestoreError("restoring on a node", "x"), ShuttingDown("node n1 is shutting down")),
+    PoolTimeout("template 't': no copy was ready within 1 s", template="t", timeout=1.0),
+    NoReply("spawn got no reply within 5 s", method="spawn", timeout=5.0),
     TemplateNotFound("t"),
     BadRequest("bad hostname", param="hostname"),
 ], ids=lambda e: type(e).__name__)
@@ -298,7 +330,9 @@ def test_node_and_caller_faults_do_not_count_against_the_template(exc):
     _criu_restore_error(errno=errno.ENOENT, log_tail="Error: no such file"),
     RestoreError("handing over the identity", "the copy exited with status 1 before it acked"),
     _raised_from(RestoreError("handing over the identity", "x"), OSError(errno.EPIPE, "pipe")),
-], ids=["restore", "criu-enoent", "no-ack", "epipe"])
+    _raised_from(RestoreError("restoring with CRIU", "no answer within 30 s"),   # CRIU hung on the image
+                 CriuTimeout("restore", "no answer within 30 s; CRIU was killed")),
+], ids=["restore", "criu-enoent", "no-ack", "epipe", "criu-timeout"])
 def test_template_faults_count(exc):
     assert counts_against_template(exc)
     assert handover_counts_against_template(exc)
