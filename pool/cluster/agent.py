@@ -14,10 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
-from pool.fds import raise_nofile_limit
+import uvloop
+from prometheus_client import CollectorRegistry
+
 from pool.cluster.config import ServiceConfig, read_token
+from pool.cluster.metrics import Metrics
+from pool.errors import BadRequest
+from pool.fds import raise_nofile_limit
+from pool.node.ops import NodeOps
+from pool.node.runtime import NodeRuntime
+from pool.wire.protocol import NODE_METHODS
+from pool.wire.rpc import RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +48,6 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
-
-        from pool.cluster.metrics import Metrics  # noqa: PLC0415
-        from pool.node.runtime import NodeRuntime  # noqa: PLC0415
-        from pool.node.ops import NodeOps  # noqa: PLC0415
-        from pool.wire.rpc import RpcServer  # noqa: PLC0415
-
         self._loop = loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -71,9 +74,6 @@ class Agent:
             self.runtime.end_live(force=True)
 
     async def handle(self, method: str, params: dict, ctx) -> Any:
-        from pool.errors import BadRequest  # noqa: PLC0415
-        from pool.wire.protocol import NODE_METHODS  # noqa: PLC0415
-
         if method not in NODE_METHODS:
             raise BadRequest(f"{method} is a coordinator method; this is a node agent",
                              method=method)
@@ -104,10 +104,6 @@ class Agent:
 
 
 def run_agent(cfg: ServiceConfig, listen: tuple[str, int], token_file, name: str) -> int:
-    import uvloop  # noqa: PLC0415
-
-    from pathlib import Path  # noqa: PLC0415
-
     token = read_token(Path(token_file))
     raise_nofile_limit()
     return uvloop.run(Agent(cfg, listen, token, name).run())

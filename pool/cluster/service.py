@@ -22,9 +22,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pool.errors import NodeUnavailable, PoolError, ShuttingDown
-from pool.fds import raise_nofile_limit
+import uvloop
+from prometheus_client import CollectorRegistry
+
 from pool.cluster.config import ServiceConfig, read_token
+from pool.cluster.metrics import Metrics, MetricsServer
+from pool.cluster.nodes import CALL_SLACK, Cluster, LocalNode, RemoteNode
+from pool.cluster.scheduler import choose_node
+from pool.errors import BadRequest, NodeUnavailable, PoolError, ShuttingDown
+from pool.fds import raise_nofile_limit
+from pool.node.ops import NodeOps
+from pool.node.runtime import NodeRuntime, until
+from pool.templates.store import Store
+from pool.wire.protocol import COORDINATOR_METHODS
+from pool.wire.rpc import RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +60,6 @@ class Service:
 
     # -- phase 1: start ---------------------------------------------------------------------------
     async def start(self) -> None:
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
-
-        from pool.cluster.nodes import Cluster, LocalNode, RemoteNode  # noqa: PLC0415
-        from pool.cluster.metrics import Metrics, MetricsServer  # noqa: PLC0415
-        from pool.node.runtime import NodeRuntime  # noqa: PLC0415
-        from pool.node.ops import NodeOps  # noqa: PLC0415
-        from pool.wire.rpc import RpcServer  # noqa: PLC0415
-        from pool.templates.store import Store  # noqa: PLC0415
-
         cfg = self.cfg
         self._loop = loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,8 +121,6 @@ class Service:
 
     # -- phase 3: drain ---------------------------------------------------------------------------
     async def drain(self) -> None:
-        from pool.node.runtime import until  # noqa: PLC0415
-
         self._draining = True
         for rpc in self._rpcs:
             rpc.stop_accepting()
@@ -165,10 +165,7 @@ class Service:
 
     # -- RPC --------------------------------------------------------------------------------------
     async def handle(self, method: str, params: dict, ctx) -> Any:
-        from pool.wire.protocol import COORDINATOR_METHODS  # noqa: PLC0415
-
         if method not in COORDINATOR_METHODS:
-            from pool.errors import BadRequest  # noqa: PLC0415
             raise BadRequest(f"{method} is a node method; the coordinator does not serve it",
                              method=method)
         return await getattr(self, f"rpc_{method}")(**params)
@@ -179,9 +176,6 @@ class Service:
 
     async def rpc_spawn(self, template: str, env: dict, args: list, timeout: float,
                         node: str | None, hostname: str | None) -> dict:
-        from pool.cluster.nodes import CALL_SLACK  # noqa: PLC0415
-        from pool.cluster.scheduler import choose_node  # noqa: PLC0415
-
         if self._draining:
             raise ShuttingDown("the pool service is shutting down")
         t0 = time.perf_counter()
@@ -299,7 +293,6 @@ class Service:
     async def rpc_fork(self, id: str, node: str | None, lazy: bool, hostname: str | None,  # noqa: A002
                        timeout: float) -> dict:
         """Checkpoint a running instance without stopping it and restore a copy on node."""
-        from pool.cluster.nodes import CALL_SLACK  # noqa: PLC0415
 
         src = await self.cluster.locate(id)
         if node is None:
@@ -333,7 +326,6 @@ class Service:
 
 def serve(cfg: ServiceConfig) -> int:
     """Run a service on uvloop until SIGTERM/SIGINT; returns the exit code."""
-    import uvloop  # noqa: PLC0415
 
     raise_nofile_limit()
     return uvloop.run(Service(cfg).run())
