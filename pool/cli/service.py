@@ -55,7 +55,8 @@ def cmd_agent(args) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = load_config(args.config, store=args.agent_store or args.store, run_dir=args.run_dir)
+    cfg = load_config(args.config, store=args.agent_store or args.store, run_dir=args.run_dir,
+                      metrics=args.metrics)
     listen = parse_hostport(args.listen, "command line", "--listen")
     return run_agent(cfg, listen, args.token_file, args.name or socket.gethostname())
 
@@ -222,6 +223,7 @@ def add_commands(sub, env_pair) -> None:
     s.add_argument("--run-dir", help="instances' private dirs (default $POOL_RUN_DIR)")
     s.add_argument("--config", help="TOML: [service] capacity, max_live...; [templates.NAME]")
     s.add_argument("--name", help="this node's name in replies (default: the hostname)")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="serve this node's Prometheus /metrics there")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     s.set_defaults(func=cmd_agent)
 

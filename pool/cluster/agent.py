@@ -21,7 +21,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from pool.cluster.config import ServiceConfig, read_token
-from pool.cluster.metrics import Metrics
+from pool.cluster.metrics import Metrics, MetricsServer
 from pool.errors import BadRequest
 from pool.fds import raise_nofile_limit
 from pool.node.ops import NodeOps
@@ -43,6 +43,7 @@ class Agent:
         self.ops = None
         self.address: tuple[str, int] | None = None
         self._rpc = None
+        self.metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -52,9 +53,11 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         host = self.listen[0]
-        self.runtime = NodeRuntime(self.cfg.node_settings(), Metrics(CollectorRegistry()), name=self.name,
-                                   publish_host=host)
+        metrics = Metrics(CollectorRegistry())
+        self.runtime = NodeRuntime(self.cfg.node_settings(), metrics, name=self.name, publish_host=host)
         try:
+            if self.cfg.metrics:   # this node's own /metrics (the coordinator serves only its own)
+                self.metrics_server = MetricsServer(metrics.registry, *self.cfg.metrics)
             await self.runtime.start()
             self.ops = NodeOps(self.runtime, host=host, token=self.token)
             self._rpc = RpcServer(self.handle, tokens={self.token}, name=f"pool-agent {self.name}",
@@ -63,7 +66,8 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
-        log.info("agent %s listening on %s:%d; store %s", self.name, *self.address, self.cfg.store)
+        log.info("agent %s listening on %s:%d; store %s%s", self.name, *self.address, self.cfg.store,
+                 f"; metrics on {self.metrics_server.address}" if self.metrics_server else "")
 
     def _on_signal(self, sig: int) -> None:
         if not self._stop.is_set():
@@ -87,6 +91,9 @@ class Agent:
             await self.ops.close()
         if self.runtime is not None:
             await self.runtime.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self._loop is not None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)

@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -175,3 +176,33 @@ def test_every_dashboard_panel_answers_from_a_real_prometheus(session_store, bui
         rules = json.load(urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules", timeout=5))
         names = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
         assert "PoolTemplateQuarantined" in names and len(names) == 6
+
+
+def test_an_agent_serves_its_own_metrics_to_prometheus(tmp_path):
+    """`pool agent --metrics`: the node's capacity, free slots and build info, scraped for real."""
+    token = tmp_path / "token"
+    token.write_text("agent-metrics-test-token")
+    token.chmod(0o600)
+    metrics_port, agent_port = free_port(), free_port()
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "pool.cli", "agent", "--listen", f"127.0.0.1:{agent_port}",
+             "--token-file", str(token), "--store", str(tmp_path / "store"),
+             "--run-dir", str(tmp_path / "run"), "--name", "edge-1",
+             "--metrics", f"127.0.0.1:{metrics_port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with prometheus(tmp_path, metrics_port) as prom_port:
+            deadline = time.monotonic() + 30
+            while not answers(prom_port, 'pool_node_capacity{node="edge-1"}'):
+                assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+                assert time.monotonic() < deadline, "no pool_node_capacity from the agent in 30 s"
+                time.sleep(0.5)
+            assert float(answers(prom_port, 'pool_node_capacity{node="edge-1"}')[0]["value"][1]) == 64
+            assert float(answers(prom_port, 'pool_node_free{node="edge-1"}')[0]["value"][1]) == 64
+            assert answers(prom_port, "pool_build_info")[0]["metric"]["version"]
+    finally:
+        agent.terminate()
+        assert agent.wait(30) == 0, (tmp_path / "agent.log").read_text()
+    with pytest.raises(OSError):      # the agent stopped its metrics server with it
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=1).close()
