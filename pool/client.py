@@ -233,6 +233,10 @@ def _client_methods(make: Callable[[type, str, Callable[..., Call]], Callable]) 
 def _no_service(where: str, e: BaseException) -> NodeUnavailable:
     cause = e.__cause__ if isinstance(e, NodeUnavailable) and e.__cause__ else e
     why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    if isinstance(cause, PermissionError):  # a service is there, but not for this user
+        return NodeUnavailable(f"permission denied on {where}: the socket is for root and the "
+                               "socket's group (0660); run as one of them or join that group",
+                               socket=where, errno=cause.errno)
     return NodeUnavailable(f"no pool service at {where}: start one with `pool serve` ({why})",
                            socket=where)
 

@@ -16,6 +16,8 @@ import sys
 import time
 
 from pool import config
+from pool.cli import tables
+from pool.errors import PoolError
 
 EXIT_ERROR = 1
 
@@ -82,18 +84,20 @@ def cmd_nodes(args) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'NODE':<12} {'STATE':<6} {'ADDRESS':<22} {'FREE':>5}  TEMPLATES")
-    for r in rows:
-        print(f"{r['name']:<12} {'up' if r['healthy'] else 'down':<6} {r['address'] or '-':<22} "
-              f"{r['free']:>5}  {', '.join(sorted(r['templates'])) or '-'}"
-              + (f"  ({r['last_error']})" if r.get("last_error") else ""))
+    print(tables.render(
+        ["NODE", "STATE", "ADDRESS", "FREE", "TEMPLATES"],
+        [[r["name"], "up" if r["healthy"] else "down", r["address"], r["free"],
+          (", ".join(sorted(r["templates"])) or "-")
+          + (f"  ({r['last_error']})" if r.get("last_error") else "")] for r in rows], right={3}))
     return 0
 
 
 def cmd_push(args) -> int:
     with _client(args) as c:
         r = c.push(args.name, args.node, timeout=args.timeout)
-    if r.get("already_current"):
+    if args.json:
+        _print_json(r)
+    elif r.get("already_current"):
         print(f"{args.name}: node {args.node} already has this build")
     else:
         print(f"{args.name} -> {args.node}: {r['files_sent']} files, "
@@ -122,24 +126,43 @@ def cmd_ls(args) -> int:
     if not rows:
         print("no instances")
         return 0
-    print(f"{'ID':<14} {'TEMPLATE':<16} {'PID':>8} {'PATH':<8} {'UPTIME S':>9} ADDRESS")
-    for r in rows:
-        print(f"{r['id']:<14} {r['template']:<16} {r['pid']:>8} {r['path']:<8} "
-              f"{r.get('uptime_s', 0):>9.1f} {r.get('address') or '-'}")
+    print(tables.render(["ID", "TEMPLATE", "NODE", "PID", "SERVED BY", "UPTIME S", "ADDRESS"],
+                        [[r["id"], r["template"], r.get("node"), r["pid"], r["path"],
+                          f"{r.get('uptime_s', 0):.1f}", r.get("address")] for r in rows],
+                        right={3, 5}))
     return 0
 
 
 def cmd_kill(args) -> int:
+    """Every ID is tried and reported, also after one fails; the exit status says if any did."""
+    results = []
     with _client(args) as c:
         for iid in args.ids:
-            d = c.kill(iid, args.grace)
-            print(f"{iid}  exit status {d['exit_status']}")
-    return 0
+            try:
+                d = c.kill(iid, args.grace)
+                results.append({"id": iid, "ok": True, "exit_status": d["exit_status"]})
+            except PoolError as e:
+                results.append({"id": iid, "ok": False, "error": e.code, "message": e.message})
+    if args.json:
+        _print_json(results)
+    for r in results if not args.json else ():
+        if r["ok"]:
+            print(f"{r['id']}  exit status {r['exit_status']}")
+        else:
+            print(f"pool kill: {r['id']}: {r['message']}", file=sys.stderr)
+    return 0 if all(r["ok"] for r in results) else EXIT_ERROR
 
 
 def cmd_logs(args) -> int:
     stream = "stderr" if args.stderr else "stdout"
     out = sys.stdout.buffer
+    if args.json:    # what there is now, as one object (--follow streams raw bytes only)
+        with _client(args) as c:
+            r = c.logs(args.id, stream, 0, 8 << 20)
+        _print_json({"id": args.id, "stream": stream, "text": r["data"].decode(errors="replace"),
+                     "offset": r["offset"], "exited": r["exited"],
+                     "rotated_away": r.get("rotated_away", 0)})
+        return 0
     with _client(args) as c:
         offset = 0
         while True:
@@ -169,13 +192,15 @@ def cmd_stats(args) -> int:
     if not s["templates"]:
         print("no templates in use")
         return 0
-    print(f"{'TEMPLATE':<16} {'WARM':>5} {'MIN':>4} {'LIVE':>5} {'MAX':>4} {'RESTORING':>9} "
-          f"{'WARM/RESTORE':>13}  STATE")
+    rows = []
     for name, t in s["templates"].items():
         state = f"QUARANTINED: {t['last_error']}" if t["quarantined"] else "ok"
-        spawns = f"{t['spawns']['warm']}/{t['spawns']['restore']}"
-        print(f"{name:<16} {t['warm']:>5} {t['min_warm']:>4} {t['live']:>5} {t['max_live']:>4} "
-              f"{t['restoring']:>9} {spawns:>13}  {state}")
+        spawns = t.get("spawns", {})
+        rows.append([name, t["warm"], t.get("target", t["min_warm"]), t["min_warm"], t["live"],
+                     t["max_live"], t["restoring"], f"{spawns.get('warm', 0)}/{spawns.get('restore', 0)}",
+                     state])
+    print(tables.render(["TEMPLATE", "WARM", "TARGET", "MIN", "LIVE", "MAX", "RESTORING",
+                         "WARM/RESTORE", "STATE"], rows, right={1, 2, 3, 4, 5, 6, 7}))
     return 0
 
 
@@ -184,6 +209,9 @@ def cmd_set_warm(args) -> int:
         raise SystemExit("pool set-warm: N must be >= 0")
     with _client(args) as c:
         t = c.set_warm(args.name, args.n)
+    if args.json:
+        _print_json(t)
+        return 0
     print(f"{args.name}: min_warm {t['min_warm']} (warm now {t['warm']}, restoring {t['restoring']})")
     return 0
 
@@ -237,6 +265,7 @@ def add_commands(sub, env_pair) -> None:
     s.add_argument("name")
     s.add_argument("--node", required=True)
     s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("fork", help="checkpoint a running instance (it keeps running) and restore "
@@ -261,6 +290,7 @@ def add_commands(sub, env_pair) -> None:
     socket_opt(s)
     s.add_argument("ids", nargs="+", metavar="ID")
     s.add_argument("--grace", type=float, default=3.0)
+    s.add_argument("--json", action="store_true", help="one result per ID: ok, exit_status or error")
     s.set_defaults(func=cmd_kill)
 
     s = sub.add_parser("logs", help="print an instance's output")
@@ -268,6 +298,7 @@ def add_commands(sub, env_pair) -> None:
     s.add_argument("id")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing until it exits")
     s.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    s.add_argument("--json", action="store_true", help="the log so far as one JSON object")
     s.set_defaults(func=cmd_logs)
 
     s = sub.add_parser("stats", help="warm pools, live instances, quarantines")
@@ -280,4 +311,5 @@ def add_commands(sub, env_pair) -> None:
     socket_opt(s)
     s.add_argument("name")
     s.add_argument("n", type=int)
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_set_warm)

@@ -105,6 +105,35 @@ def test_cli_commands(service):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_json_everywhere_many_ids_and_clear_errors(service):
+    """--json on every verb that prints data; `kill A B C` reports each ID and fails if one did;
+    a socket the user may not open says so instead of "start `pool serve`"."""
+    svc = service()
+    svc.wait_warm("py-hello", 1)
+    a, b = (json.loads(cli(svc, "spawn", "py-hello", "--json").stdout) for _ in range(2))
+    r = cli(svc, "kill", a["id"], "no-such-id", b["id"], "--grace", "0", "--json", check=False)
+    assert r.returncode == 1
+    results = json.loads(r.stdout)
+    assert [x["id"] for x in results] == [a["id"], "no-such-id", b["id"]]
+    assert [x["ok"] for x in results] == [True, False, True]
+    assert results[1]["error"] == "instance_not_found"
+    r = cli(svc, "kill", "gone-1", "gone-2", check=False)   # plain output: one line per failure
+    assert r.returncode == 1 and r.stderr.count("pool kill: gone-") == 2
+    logs = json.loads(cli(svc, "logs", a["id"], "--json").stdout)
+    assert logs["exited"] and "serving" in logs["text"]
+    warm = json.loads(cli(svc, "set-warm", "py-hello", "2", "--json").stdout)
+    assert warm["min_warm"] == 2
+    assert "TARGET" in cli(svc, "stats").stdout
+
+    # a socket this user cannot open: the error names the permission, not a missing service
+    nobody = dict(svc.env, POOL_SOCKET=str(svc.socket))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", POOL, "ls"],
+                       env=nobody, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.startswith(f"pool ls: permission denied on {svc.socket}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def _service_fds(pid):
     return psutil.Process(pid).num_fds()
 
