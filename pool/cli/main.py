@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     except PoolError as e:
         print(f"pool {args.command}: {e.message}", file=sys.stderr)
         return EXIT_ERROR
+    except PermissionError as e:  # the store and run dirs are root's (images hold process memory)
+        print(f"pool {args.command}: permission denied: {e.filename}: the store and the copies' "
+              "files are root's only; run pool as root", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -57,3 +57,16 @@ def test_rm_json(tmp_path, capsys):
     assert main(["--store", str(tmp_path / "store"), "rm", "gone", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"removed": "gone"}
     assert not build.parent.exists()
+
+
+def test_a_store_the_user_may_not_read_is_one_clear_line(tmp_path):
+    store = tmp_path / "store"
+    (store / "x").mkdir(parents=True)
+    store.chmod(0o700)
+    tmp_path.chmod(0o755)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *POOL,
+                        "--store", str(store), "templates"], capture_output=True, text=True,
+                       timeout=30, cwd="/")
+    assert r.returncode == 1
+    assert r.stderr == (f"pool templates: permission denied: {store}: the store and the copies' "
+                        "files are root's only; run pool as root\n")
