@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 _FROM_CLIENT = {"spawn", "Client", "AsyncClient", "Instance", "AsyncInstance", "close_default"}
-_FROM_ERRORS = {"PoolError", "NoCapacity", "Quarantined", "TemplateNotFound", "InstanceNotFound",
-                "RestoreError", "NodeUnavailable", "BadRequest", "AuthError", "ProtocolError",
-                "CriuError", "Incompatible", "SpecError", "ShuttingDown", "PoolTimeout", "NoReply",
-                "InternalError", "TransferError"}
+# Every error class of pool.errors (pool.errors stays importable on its own; this list is checked
+# against it by tests/unit/test_errors.py).
+_FROM_ERRORS = {"PoolError", "CriuError", "CriuUnavailable", "CriuFailed", "CriuTimeout", "SpecError",
+                "TemplateNotFound", "TemplateCorrupt", "Incompatible", "BuildError", "RestoreError",
+                "InstanceNotFound", "NoCapacity", "Quarantined", "NodeUnavailable", "ShuttingDown",
+                "TransferError", "PoolTimeout", "NoReply", "ProtocolError", "AuthError", "BadRequest",
+                "InternalError", "RemoteError"}
 
 __all__ = sorted(_FROM_CLIENT | _FROM_ERRORS | {"errors"})
 

@@ -18,6 +18,7 @@ service is NodeUnavailable with a one-line hint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from pool import config
-from pool.errors import NodeUnavailable, ProtocolError
+from pool.errors import InstanceNotFound, NodeUnavailable, ProtocolError
 from pool.wire.rpc import RpcClient, SyncRpcClient, idle_close
 
 SPAWN_SLACK = 5.0           # seconds the RPC call may take beyond the spawn's own timeout
@@ -65,9 +66,28 @@ class Instance:
     def url(self) -> str | None:
         return f"http://{self.address}/" if self.address else None
 
+    # `with client.spawn(...) as inst:` kills the copy on the way out, so a forgotten one does not
+    # hold a slot until its ttl. A copy that already ended (and was forgotten) is not an error.
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with contextlib.suppress(InstanceNotFound):
+            self.kill()
+
 
 class AsyncInstance(Instance):
-    """Instance whose methods are coroutines (returned by AsyncClient)."""
+    """Instance whose methods are coroutines (returned by AsyncClient); `async with` kills it."""
+
+    def __enter__(self) -> Instance:
+        raise TypeError("use `async with` on an AsyncInstance")
+
+    async def __aenter__(self) -> AsyncInstance:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        with contextlib.suppress(InstanceNotFound):
+            await self.kill()
 
 
 # --- the method table ---------------------------------------------------------------------------------

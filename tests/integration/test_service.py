@@ -134,6 +134,23 @@ def test_cli_json_everywhere_many_ids_and_clear_errors(service):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_instance_used_as_a_context_manager_is_killed_on_exit(service):
+    svc = service()
+    svc.wait_warm("py-hello", 1)
+    with svc.client() as c:
+        with c.spawn("py-hello") as inst:
+            assert ask(inst.address, PROBES["py-hello"])
+        assert inst.info()["end_cause"] == "killed"
+        assert c.list("py-hello") == []
+
+    async def with_async_client() -> str:
+        async with await pool.AsyncClient.connect(str(svc.socket)) as ac:
+            async with await ac.spawn("py-hello") as ainst:
+                assert ainst.pid > 0
+            return (await ainst.info())["end_cause"]
+    assert asyncio.run(with_async_client()) == "killed"
+
+
 def _service_fds(pid):
     return psutil.Process(pid).num_fds()
 

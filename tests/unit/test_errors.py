@@ -46,3 +46,12 @@ def test_timeouts_are_timeout_errors_and_shutting_down_is_node_unavailable():
         raise ShuttingDown("node n1 is shutting down", node="n1")
     rebuilt = errors.from_wire(PoolTimeout("slow", template="t").to_wire())
     assert isinstance(rebuilt, TimeoutError) and rebuilt.data == {"template": "t"}
+
+
+def test_pool_exports_every_error_class():
+    import pool
+    from pool import errors
+
+    classes = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.PoolError)}
+    assert classes <= set(pool.__all__)
+    assert all(getattr(pool, n) is getattr(errors, n) for n in classes)
