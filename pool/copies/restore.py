@@ -94,7 +94,7 @@ class Restorer:
         is recreated at its old path by every restore and unlinked when the restore ends, so two
         restores at once collide on that path. Only the CRIU call is serialized.
         """
-        if not any(f.startswith("ghost-file") for f in template.manifest["files"]):
+        if not template.manifest.has_ghost_files:
             return contextlib.nullcontext()
         with self._lock:
             return self._ghost_locks.setdefault(template.build_id, threading.Lock())
@@ -105,8 +105,8 @@ class Restorer:
         template = self.prepare(name)
         m = template.manifest
         iid = instance_id or new_instance_id()
-        sdk = "ctl_in" in m["pipes"]
-        restore_spec = m["spec"].get("restore") or {}
+        sdk = m.sdk
+        restore_spec = m.restore_spec
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{iid}.", dir=self.instances_dir))
         ours: list[int] = []      # fds we keep (control channel)
@@ -120,20 +120,19 @@ class Restorer:
                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 theirs.append(fd)
                 # a fork of a running copy (pool/copies/fork.py) held log files, keyed by their path
-                key = (m.get("stdio_keys") or {}).get(stream) or f"pipe:[{m['pipes'][stream]}]"
-                inherit[key] = fd
+                inherit[m.stdio_key(stream)] = fd
             ctl_w = ctl_r = None
             if sdk:
                 r, ctl_w = os.pipe2(os.O_CLOEXEC)     # pool -> app
                 ours.append(ctl_w)
                 theirs.append(r)
-                inherit[f"pipe:[{m['pipes']['ctl_in']}]"] = r
+                inherit[m.pipe_key("ctl_in")] = r
                 ctl_r, w = os.pipe2(os.O_CLOEXEC)     # app -> pool
                 ours.append(ctl_r)
                 theirs.append(w)
-                inherit[f"pipe:[{m['pipes']['ctl_out']}]"] = w
+                inherit[m.pipe_key("ctl_out")] = w
             # an image dumped with tcp_close only restores with it ("Need to set the --tcp-close")
-            tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
+            tcp_close = m.tcp_close
             t0 = time.monotonic()
             try:
                 with self._one_at_a_time(template):
@@ -152,7 +151,7 @@ class Restorer:
             pidfd, netns_fd = open_handles(pid)
             inst = Instance(id=iid, template=name, build_id=template.build_id, pid=pid,
                             pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=sdk,
-                            port=(m["spec"].get("network") or {}).get("port"), restore_s=took,
+                            port=m.port, restore_s=took,
                             ctl_w=ctl_w, ctl_r=ctl_r,
                             identity_timeout=float(restore_spec.get("identity_timeout") or 10.0),
                             hostname_pattern=restore_spec.get("hostname"))

@@ -622,8 +622,7 @@ class NodeRuntime:
             m = t.manifest
             pool = self.pools.get(t.name)
             out.append({"name": t.name, "build_id": t.build_id, "image_bytes": t.image_bytes,
-                        "sdk": "ctl_in" in m.get("pipes", {}), "built_at": m.get("built_at"),
-                        "port": (m.get("spec", {}).get("network") or {}).get("port"),
+                        "sdk": m.sdk, "built_at": m.built_at, "port": m.port,
                         "pool": pool.snapshot() if pool else None, "node": self.name})
         return out
 
@@ -657,7 +656,7 @@ class NodeRuntime:
 
         # a lazy fork's build lacks its memory: it is never a template to restore again
         templates = {t.name: t.build_id for t in self.restorer.store.all()
-                     if not t.manifest.get("lazy_pages")}
+                     if not t.manifest.lazy_pages}
         return {"node": self.name, "facts": node_facts(self.restorer.criu).to_wire(),
                 "templates": templates, "capacity": self.cfg.capacity,
                 "free": self.free(),
