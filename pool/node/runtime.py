@@ -8,8 +8,8 @@ touches a local process is here.
 Concurrency model. Everything runs on one event loop. ONE supervisor task consumes events: a copy
 exited (its pidfd became readable), a pool wants a refill, a tick (ttl, idle, quarantine outcomes).
 Blocking CRIU restores run in a small ThreadPoolExecutor. The Restorer makes this process a child
-subreaper, so every copy is our child: we reap only pids we know (Instance.poll: waitpid(pid,
-WNOHANG)), never waitpid(-1), which would steal exit statuses from subprocess/CRIU.
+subreaper, so every copy is our child: we reap only pids we know (RestoredCopy.poll:
+waitpid(pid, WNOHANG)), never waitpid(-1), which would steal exit statuses from subprocess/CRIU.
 
 A spawn served from the warm pool does no thread hop and no I/O but two pipe writes/reads: pop a warm
 copy, write its identity, await the SDK's ack on the loop (restore.hand_over_async), reply.
@@ -47,7 +47,7 @@ DRAIN_SLACK_S = 2.0  # after kill_grace: for SIGKILLed copies to be reaped
 # --- one copy, as the node sees it --------------------------------------------------------------------
 @dataclass(eq=False)
 class Copy:
-    inst: Any                              # pool.copies.instance.Instance
+    inst: Any                              # pool.copies.restored.RestoredCopy
     pool: WarmPool
     done: asyncio.Future                   # exit status once reaped
     proxy: Any = None                      # PortProxy publishing its port, if any
