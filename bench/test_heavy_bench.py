@@ -219,7 +219,7 @@ def test_cold(benchmark, heavy, name):
 def criu_cli_restore(criu, template, workdir: Path):
     """`criu restore -d` by hand: fresh stdio files and, for SDK apps, control pipes in place of the
     template's (by pipe inode), then the identity frame; (cleanup, seconds to first answer)."""
-    m, name = template.manifest, template.name
+    m, name = template.manifest.to_dict(), template.name
     workdir.mkdir(parents=True, exist_ok=True)
     pidfile = workdir / "pid"
     pidfile.unlink(missing_ok=True)          # must not exist, or the restore fails
@@ -280,7 +280,7 @@ def sdk_handshake(ctl_w: int, ctl_r: int) -> None:
 def lazy_restore(criu, template, workdir: Path):
     """Post-copy: a `criu lazy-pages` daemon reads the image's pages and hands each to the copy on its
     first touch (userfaultfd); the restore itself maps no memory. (cleanup, seconds to first answer)"""
-    m, name = template.manifest, template.name
+    m, name = template.manifest.to_dict(), template.name
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -505,7 +505,7 @@ def test_image(benchmark, heavy, name):
         result["s"] = time.perf_counter() - t0
 
     benchmark.pedantic(compress, rounds=1)
-    m = template.manifest
+    m = template.manifest.to_dict()
     record(benchmark, name, "image", image_bytes=template.image_bytes,
            compressed_bytes=result["bytes"], compression=result["how"],
            compress_s=round(result["s"], 3), dump_s=m.get("dump_s"),

@@ -1,5 +1,5 @@
 """Clients of the pool service: `pool.spawn()`, the blocking `Client`, the asyncio `AsyncClient`, and the
-`Instance` handle they return (client side; pool.copies.instance.Instance is the service's own record).
+`Instance` handle they return (client side; pool.copies.restored.RestoredCopy is the service's own record).
 
     import pool
     inst = pool.spawn("py-hello", env={"GREETING": "hi"}, args=["--fast"])

@@ -19,23 +19,13 @@ import os
 import random
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from typing import Callable
 
 from pool.wire import control
+from pool.wire.control import Identity  # the app's side of the identity frame; public here too
 
 _before: list[Callable[[], None]] = []
 _after: list[Callable[["Identity"], None]] = []
-
-
-@dataclass(frozen=True)
-class Identity:
-    instance_id: str
-    env: dict[str, str] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
-    hostname: str | None = None
-    seed: int = 0
-    restored: bool = False
 
 
 def before_checkpoint(fn: Callable[[], None]) -> Callable[[], None]:
@@ -65,7 +55,7 @@ def checkpoint() -> Identity:
     """Signal readiness, get checkpointed, return this copy's identity (see the module doc)."""
     fds = _control_fds()
     if fds is None:
-        return Identity(instance_id="local", env={}, args=sys.argv[1:])
+        return Identity(instance_id="local", env={}, args=sys.argv[1:], seed=0)
     rfd, wfd = fds
     for fn in _before:
         fn()
@@ -75,9 +65,7 @@ def checkpoint() -> Identity:
         os._exit(1)  # the build was cancelled: nothing to clean up in a never-published app
     if msg["type"] != "identity":
         raise control.ControlError(f"expected an identity message, got {msg['type']!r}")
-    ident = Identity(instance_id=str(msg["instance_id"]), env=dict(msg.get("env") or {}),
-                     args=list(msg.get("args") or []), hostname=msg.get("hostname"),
-                     seed=int(msg.get("seed") or 0), restored=True)
+    ident = Identity.from_message(msg)
     try:
         _apply(ident)
         for fn in _after:

@@ -1,7 +1,7 @@
 """Fakes for the node's unit tests (tests/unit/test_supervisor.py, test_node_api.py): copies that
 are no processes, a restorer without CRIU, a clock and timers the test moves by hand.
 
-A FakeInstance is a real pool.copies.instance.Instance (its logs, describe(), journal record) whose
+A FakeInstance is a real pool.copies.restored.RestoredCopy (its logs, describe(), journal record) whose
 process is a pipe: its "pidfd" is the read end, readable once the copy has "exited", so the node's
 supervisor watches it with the loop exactly as it watches a pidfd."""
 from __future__ import annotations
@@ -12,14 +12,14 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pool.copies.instance import Instance
+from pool.copies.restored import RestoredCopy
 from pool.errors import TemplateNotFound
 
 NO_PID = (1 << 22) + 7       # above the kernel's pid_max: no process of ours can have it
 _ids = itertools.count(1)
 
 
-class FakeInstance(Instance):
+class FakeInstance(RestoredCopy):
     """obeys_term: SIGTERM ends it (else only SIGKILL does)."""
 
     @classmethod

@@ -66,12 +66,12 @@ def cmd_build(args) -> int:
     result = build(spec, _store(args), Criu.locate(), progress=progress, timeout=args.timeout,
                    echo=echo)
     if args.json:
-        _print_json(result.manifest)
+        _print_json(result.manifest.to_dict())
     return 0
 
 
 def _summary(t) -> dict:
-    m = t.manifest
+    m = t.manifest.to_dict()
     return {"name": t.name, "build_id": m["build_id"], "built_at": m["built_at"],
             "image_mb": round(m["image_bytes"] / 2**20, 1), "ready_s": m["boot_to_ready_s"],
             "sdk": "ctl_in" in m["pipes"], "criu": m["criu_version"]}
@@ -97,9 +97,9 @@ def cmd_inspect(args) -> int:
     if args.verify:
         t.verify(full=True)
     if args.json:
-        _print_json({**t.manifest, "path": str(t.build_dir)})
+        _print_json({**t.manifest.to_dict(), "path": str(t.build_dir)})
         return 0
-    m = t.manifest
+    m = t.manifest.to_dict()
     print(f"template  {t.name}  (build {m['build_id']}, {t.build_dir})")
     print(f"command   {' '.join(m['spec']['command'])}")
     print(f"ready     {m['spec']['ready']['mode']} after {m['boot_to_ready_s']}s; warm-up "

@@ -52,7 +52,7 @@ class LocalNode:
 
     def cached(self) -> dict[str, str]:
         return {t.name: t.build_id for t in self.ops.store.all()
-                if not t.manifest.get("lazy_pages")}
+                if not t.manifest.lazy_pages}
 
     def free(self) -> int:
         return self.ops.runtime.free()
@@ -236,7 +236,7 @@ class Cluster:
         for n in self.nodes.values():
             cached = n.cached()
             # a node holds the template if it has the build we would ship (or any, if we have none)
-            has = template in cached and (manifest is None or cached[template] == manifest["build_id"])
+            has = template in cached and (manifest is None or cached[template] == manifest.build_id)
             compatible: bool | str = True
             if not has:
                 facts = n.facts()

@@ -9,13 +9,13 @@ a transparent copy that keeps the original's identity, hostname aside; and it is
 tcp_close (a live copy may hold client connections), which its restore then needs too.
 
 Lazy variant (post-copy migration): checkpoint_instance_lazy writes only the small images and
-serves the memory from a page server; restore_lazy starts a lazy-pages daemon against it and
-restores at once, pages arriving on demand and in the background.
+serves the memory from a page server; restore_lazy runs the restore chain's lazy variant
+(pool/copies/restore_chain.py): a lazy-pages daemon against the page server, and a restore at once,
+pages arriving on demand and in the background.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pool.names import fork_name
-from pool.templates import store as store_mod
-from pool.cr.criu import Criu, DumpOptions, LazyDump, LazyPages, RestoreOptions, become_subreaper
+from pool.copies import restore_chain
+from pool.copies.restored import RestoredCopy
+from pool.cr.criu import Criu, DumpOptions, LazyDump, LazyPages, become_subreaper
 from pool.errors import CriuError, CriuTimeout, RestoreError
-from pool.copies.instance import Instance, open_handles
-from pool.templates.store import Store, Template
+from pool.names import fork_name
+from pool.templates.manifest import Manifest
+from pool.templates.store import Store, Template, new_build_id, seal
 
-STDIO = ("stdout", "stderr")
 
 
-def checkpoint_instance(inst: Instance, dest: Store | Path, criu: Criu, *,
+def checkpoint_instance(inst: RestoredCopy, dest: Store | Path, criu: Criu, *,
                         leave_running: bool = True, name: str | None = None,
-                        source_manifest: dict[str, Any] | None = None,
+                        source_manifest: Manifest | None = None,
                         timeout: float = 120.0) -> Template:
     """Dump the running copy inst into a template build.
 
@@ -56,14 +56,14 @@ def checkpoint_instance(inst: Instance, dest: Store | Path, criu: Criu, *,
     build_dir.mkdir(mode=0o700)
     try:
         manifest = _dump(inst, build_dir, criu, keys, source_manifest, leave_running, timeout)
-        return _seal(name, build_dir, manifest)
+        return seal(build_dir, name, manifest)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
 
 
-def _dump(inst: Instance, build_dir: Path, criu: Criu, keys: dict[str, str],
-          source_manifest: dict[str, Any], leave_running: bool, timeout: float) -> dict[str, Any]:
+def _dump(inst: RestoredCopy, build_dir: Path, criu: Criu, keys: dict[str, str],
+          source_manifest: Manifest | None, leave_running: bool, timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pool-fork-") as logs:
         try:
@@ -105,10 +105,10 @@ class LazyCheckpoint:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
-def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
+def checkpoint_instance_lazy(inst: RestoredCopy, build_dir: Path, criu: Criu,
                              page_server: tuple[str, int], *, leave_running: bool = False,
                              name: str | None = None,
-                             source_manifest: dict[str, Any] | None = None,
+                             source_manifest: Manifest | None = None,
                              ready_timeout: float = 60.0, timeout: float = 300.0) -> LazyCheckpoint:
     """Lazily dump inst into build_dir (must not exist); pages are served at page_server.
 
@@ -117,7 +117,6 @@ def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
     """
     name = name or fork_name(inst.template)
     keys = _stdio_keys(inst)
-    source_manifest = source_manifest or {}
     build_dir = Path(build_dir)
     build_dir.mkdir(mode=0o700)
     logs = Path(tempfile.mkdtemp(prefix="pool-fork-"))
@@ -133,7 +132,7 @@ def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
             criu.cpuinfo_dump(build_dir / "image")
             manifest = _manifest(inst, criu, keys, source_manifest, dump_s=time.monotonic() - t0)
             manifest["lazy_pages"] = True
-            template = _seal(name, build_dir, manifest)
+            template = seal(build_dir, name, manifest)
         except BaseException:
             job.kill()
             with contextlib.suppress(Exception):
@@ -147,7 +146,7 @@ def checkpoint_instance_lazy(inst: Instance, build_dir: Path, criu: Criu,
 
 
 def restore_lazy(template: Template, criu: Criu, run_dir: Path, page_server: tuple[str, int] | None,
-                 *, instance_id: str, timeout: float = 60.0) -> tuple[Instance, LazyPages]:
+                 *, instance_id: str, timeout: float = 60.0) -> tuple[RestoredCopy, LazyPages]:
     """Restore a (lazily) checkpointed build at once, its memory fetched on demand.
 
     page_server None reads the pages from the build's own files. The build must have no control
@@ -155,54 +154,18 @@ def restore_lazy(template: Template, criu: Criu, run_dir: Path, page_server: tup
     copy's private dir. Returns the copy, warm, and the lazy-pages daemon, which exits once every
     page is in: wait() on it, with a deadline.
     """
-    m = template.manifest
-    if "ctl_in" in (m.get("pipes") or {}):
+    if template.manifest.sdk:
         raise ValueError(f"{template.name} has an SDK control channel: restore it with Restorer")
     become_subreaper()  # the copy must become our child, to be reaped
-    tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(mode=0o700, parents=False)
-    theirs: list[int] = []
-    daemon: LazyPages | None = None
-    pid = -1
-    try:
-        inherit = {}
-        for stream in STDIO:
-            fd = os.open(run_dir / f"{stream}.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            theirs.append(fd)
-            inherit[(m.get("stdio_keys") or {}).get(stream) or f"pipe:[{m['pipes'][stream]}]"] = fd
-        t0 = time.monotonic()
-        try:
-            daemon = criu.lazy_pages(template.image_dir, run_dir, page_server=page_server)
-            pid = criu.restore(template.image_dir, log_dir=run_dir, timeout=timeout,
-                               opts=RestoreOptions(inherit_fds=inherit, lazy_pages=True,
-                                                   tcp_close=tcp_close))
-        except CriuError as e:
-            raise RestoreError("restoring lazily with CRIU", e.message) from e
-        took = time.monotonic() - t0
-        pidfd, netns_fd = open_handles(pid)
-        inst = Instance(id=instance_id, template=template.name, build_id=template.build_id,
-                        pid=pid, pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False,
-                        port=(m["spec"].get("network") or {}).get("port"), restore_s=took)
-        return inst, daemon
-    except BaseException:
-        if pid > 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        if daemon is not None:
-            daemon.kill()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        for fd in theirs:
-            os.close(fd)
+    job = restore_chain.RestoreJob(template=template, instance_id=instance_id, run_dir=Path(run_dir),
+                                   criu=criu, timeout=timeout, page_server=page_server)
+    copy = restore_chain.run(job, restore_chain.LAZY)
+    assert job.lazy_pages is not None, "the lazy chain starts the lazy-pages daemon"
+    return copy, job.lazy_pages
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def _stdio_keys(inst: Instance) -> dict[str, str]:
+def _stdio_keys(inst: RestoredCopy) -> dict[str, str]:
     """The copy's stdio as CRIU will know them: its own log files, else we cannot key them."""
     keys = {}
     for fd, stream in ((1, "stdout"), (2, "stderr")):
@@ -218,25 +181,26 @@ def _stdio_keys(inst: Instance) -> dict[str, str]:
     return keys
 
 
-def _source_manifest(inst: Instance, dest: Store | Path) -> dict[str, Any]:
+def _source_manifest(inst: RestoredCopy, dest: Store | Path) -> Manifest | None:
     """The manifest of the build inst was restored from, when dest is the store that holds it."""
     if isinstance(dest, Store):
         with contextlib.suppress(Exception):
             t = dest.get(inst.template)
             if t.build_id == inst.build_id:
                 return t.manifest
-    return {}
+    return None
 
 
-def _manifest(inst: Instance, criu: Criu, keys: dict[str, str], source: dict[str, Any],
+def _manifest(inst: RestoredCopy, criu: Criu, keys: dict[str, str], source: Manifest | None,
               dump_s: float) -> dict[str, Any]:
-    spec = dict(source.get("spec") or {"name": inst.template,
-                                       "network": {"mode": "isolated", "port": inst.port}})
+    """The fork's manifest facts (seal() adds its files)."""
+    spec = (source.to_dict()["spec"] if source is not None
+            else {"name": inst.template, "network": {"mode": "isolated", "port": inst.port}})
     spec["checkpoint"] = {**(spec.get("checkpoint") or {}), "tcp_close": True}  # as dumped
     return {
-        "build_id": store_mod.new_build_id(),
+        "build_id": new_build_id(),
         "spec": spec,
-        "spec_digest": source.get("spec_digest"),
+        "spec_digest": source.spec_digest if source is not None else None,
         "criu_version": str(criu.version()),
         "kernel": platform.release(),
         "arch": platform.machine(),
@@ -247,16 +211,3 @@ def _manifest(inst: Instance, criu: Criu, keys: dict[str, str], source: dict[str
         "dump_s": round(dump_s, 4),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _seal(name: str, build_dir: Path, manifest: dict[str, Any]) -> Template:
-    """Finish an unpublished build dir the way Store.publish would (sizes, sha256, 0600)."""
-    files = {}
-    for p in sorted((build_dir / "image").iterdir()):
-        os.chmod(p, 0o600)
-        files[p.name] = {"size": p.stat().st_size, "sha256": store_mod.sha256_file(p)}
-    manifest = {**manifest, "format": store_mod.FORMAT, "name": name, "files": files,
-                "image_bytes": sum(f["size"] for f in files.values())}
-    store_mod._write_private(build_dir / store_mod.MANIFEST,
-                             json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return Template(name=name, build_dir=build_dir, manifest=manifest)

@@ -184,15 +184,15 @@ def _kill_trees(pids: set[int]) -> int:
 
 
 def reopen(run_dir: Path, rec: Record):
-    """An Instance for a live copy of a previous life of the node; OSError if it is gone."""
-    from pool.copies.instance import Instance, open_handles  # noqa: PLC0415
+    """An RestoredCopy for a live copy of a previous life of the node; OSError if it is gone."""
+    from pool.copies.restored import RestoredCopy, open_handles  # noqa: PLC0415
 
     pidfd, netns_fd = open_handles(rec.pid)
     if not still_running(rec):  # the pid was recycled before we pinned it
         os.close(pidfd)
         os.close(netns_fd)
         raise ProcessLookupError(rec.pid, f"pid {rec.pid} is another process now")
-    return Instance(id=rec.id, template=rec.template, build_id=rec.build_id, pid=rec.pid,
+    return RestoredCopy(id=rec.id, template=rec.template, build_id=rec.build_id, pid=rec.pid,
                     pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False, port=rec.port,
                     created=rec.created, state="running", path=rec.path, env=rec.env,
                     args=rec.args, hostname=rec.hostname)

@@ -1,48 +1,31 @@
-"""Restore copies of a published template, each with its own identity, as a chain of small steps.
+"""Restore copies of a published template, each with its own identity.
 
-    check compatibility -> verify image -> prepare per-copy files and pipes -> criu restore
-    -> validate the copy (alive, stdio really replaced) -> [later] hand over the identity
+    check the build (compatible here, intact) -> the restore chain (pool/copies/restore_chain.py)
+    -> [later] hand over the identity
 
-Every step either completes or undoes what the steps before it made: a failed restore leaves no
-process, fd or file behind, and never touches the template. `restore()` returns a *warm* instance:
-restored and waiting for its identity; `hand_over()` gives it one. A spawn is both.
+A failed restore leaves no process, fd or file behind, and never touches the template.
+`restore()` returns a *warm* copy: restored and waiting for its identity; `hand_over()` gives it
+one. A spawn is both.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
-import shutil
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-from pool.templates import compat
-
-from pool.wire import control
-
-from pool.cr import hints
-
-from pool.copies import journal
-
+from pool.copies import restore_chain
+from pool.copies.restored import RestoredCopy
 from pool.cr import netns
-from pool.cr.criu import Criu, RestoreOptions, become_subreaper, disown
-from pool.errors import CriuError, CriuFailed, Incompatible, RestoreError
-from pool.copies.instance import Instance, open_handles
+from pool.cr.criu import Criu, become_subreaper
+from pool.errors import CriuFailed, Incompatible, RestoreError
+from pool.templates import compat
 from pool.templates.store import Store, Template
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What makes one copy itself (sent to SDK templates; hostname applies to all)."""
-
-    instance_id: str
-    env: dict[str, str] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
-    hostname: str | None = None
-    seed: int = field(default_factory=lambda: secrets.randbits(63))
+from pool.wire import control
+from pool.wire.control import Identity
 
 
 def new_instance_id() -> str:
@@ -64,7 +47,7 @@ class Restorer:
         self._ghost_locks: dict[str, threading.Lock] = {}  # build id -> lock (see _one_at_a_time)
         become_subreaper()  # every copy becomes our child, to reap and to count
 
-    # -- step 1 and 2: is this image fit to restore here? --------------------------------------------
+    # -- is this image fit to restore here? ----------------------------------------------------------
     def check_compatible(self, template: Template) -> None:
         """Architecture, CRIU and kernel (compat.py), then CPU features via CRIU's cpuinfo check."""
         compat.check(template.manifest, compat.node_facts(self.criu))
@@ -94,94 +77,25 @@ class Restorer:
         is recreated at its old path by every restore and unlinked when the restore ends, so two
         restores at once collide on that path. Only the CRIU call is serialized.
         """
-        if not any(f.startswith("ghost-file") for f in template.manifest["files"]):
+        if not template.manifest.has_ghost_files:
             return contextlib.nullcontext()
         with self._lock:
             return self._ghost_locks.setdefault(template.build_id, threading.Lock())
 
-    # -- steps 3 to 5 ----------------------------------------------------------------------------
-    def restore(self, name: str, instance_id: str | None = None) -> Instance:
+    # -- the restore chain ---------------------------------------------------------------------------
+    def restore(self, name: str, instance_id: str | None = None) -> RestoredCopy:
         """Restore one warm copy of template name (identity not yet given)."""
         template = self.prepare(name)
-        m = template.manifest
         iid = instance_id or new_instance_id()
-        sdk = "ctl_in" in m["pipes"]
-        restore_spec = m["spec"].get("restore") or {}
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run_dir = Path(tempfile.mkdtemp(prefix=f"{iid}.", dir=self.instances_dir))
-        ours: list[int] = []      # fds we keep (control channel)
-        theirs: list[int] = []    # fds handed to CRIU, closed in any case once it is done
-        pid = -1
-        try:
-            journal.mark_owner(run_dir)  # a node recovering on this run dir leaves it to us
-            inherit: dict[str, int] = {}
-            for stream in ("stdout", "stderr"):
-                fd = os.open(run_dir / f"{stream}.log",
-                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                theirs.append(fd)
-                # a fork of a running copy (pool/copies/fork.py) held log files, keyed by their path
-                key = (m.get("stdio_keys") or {}).get(stream) or f"pipe:[{m['pipes'][stream]}]"
-                inherit[key] = fd
-            ctl_w = ctl_r = None
-            if sdk:
-                r, ctl_w = os.pipe2(os.O_CLOEXEC)     # pool -> app
-                ours.append(ctl_w)
-                theirs.append(r)
-                inherit[f"pipe:[{m['pipes']['ctl_in']}]"] = r
-                ctl_r, w = os.pipe2(os.O_CLOEXEC)     # app -> pool
-                ours.append(ctl_r)
-                theirs.append(w)
-                inherit[f"pipe:[{m['pipes']['ctl_out']}]"] = w
-            # an image dumped with tcp_close only restores with it ("Need to set the --tcp-close")
-            tcp_close = bool((m["spec"].get("checkpoint") or {}).get("tcp_close"))
-            t0 = time.monotonic()
-            try:
-                with self._one_at_a_time(template):
-                    pid = self.criu.restore(template.image_dir, log_dir=run_dir,
-                                            timeout=self.restore_timeout,
-                                            opts=RestoreOptions(inherit_fds=inherit,
-                                                                tcp_close=tcp_close))
-            except CriuError as e:
-                hint = hints.explain(hints.RESTORE, e.message)
-                raise RestoreError("restoring with CRIU",
-                                   f"{hint}\n{e.message}" if hint else e.message) from e
-            took = time.monotonic() - t0
-            for fd in theirs:
-                os.close(fd)
-            theirs.clear()
-            pidfd, netns_fd = open_handles(pid)
-            inst = Instance(id=iid, template=name, build_id=template.build_id, pid=pid,
-                            pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=sdk,
-                            port=(m["spec"].get("network") or {}).get("port"), restore_s=took,
-                            ctl_w=ctl_w, ctl_r=ctl_r,
-                            identity_timeout=float(restore_spec.get("identity_timeout") or 10.0),
-                            hostname_pattern=restore_spec.get("hostname"))
-            ours.clear()  # the instance owns them now
-            pid = -1
-            try:
-                _validate(inst)
-            except RestoreError:
-                inst.kill(grace=0)
-                inst.close()
-                raise
-            with contextlib.suppress(OSError):
-                os.unlink(run_dir / "restore.log")
-            return inst
-        except BaseException:
-            if pid > 0:  # restored, but we failed before the Instance took it over
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-                disown(pid)
-            for fd in ours + theirs:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        job = restore_chain.RestoreJob(
+            template=template, instance_id=iid, criu=self.criu, timeout=self.restore_timeout,
+            run_dir=self.instances_dir / f"{iid}.{secrets.token_hex(4)}",
+            criu_lock=self._one_at_a_time(template))
+        return restore_chain.run(job, restore_chain.EAGER)
 
-    # -- step 6 ----------------------------------------------------------------------------------
-    def hand_over(self, inst: Instance, identity: Identity, timeout: float | None = None) -> None:
+    # -- the identity ----------------------------------------------------------------------------------
+    def hand_over(self, inst: RestoredCopy, identity: Identity, timeout: float | None = None) -> None:
         """Give a warm copy its identity; the copy is killed and RestoreError raised if it fails.
 
         timeout defaults to the template's restore.identity_timeout; the hostname to its
@@ -192,7 +106,7 @@ class Restorer:
             _set_hostname(inst, identity)
             if inst.sdk:
                 deadline = time.monotonic() + timeout
-                control.write_frame(inst.ctl_w, _identity_message(identity, timeout))
+                control.write_frame(inst.ctl_w, identity.to_message(time.time() + timeout))
                 try:
                     reply = control.read_frame(inst.ctl_r, deadline)
                 except control.ControlError as e:
@@ -211,32 +125,17 @@ class Restorer:
         _record(inst, identity)
 
     def spawn(self, name: str, identity: Identity | None = None,
-              timeout: float | None = None) -> Instance:
+              timeout: float | None = None) -> RestoredCopy:
         identity = identity or Identity(new_instance_id())
         inst = self.restore(name, instance_id=identity.instance_id)
         self.hand_over(inst, identity, timeout)
         return inst
 
 
-def _validate(inst: Instance) -> None:
-    """CRIU ignores an inherit-fd key that matches nothing: make sure stdio really is the copy's own."""
-    if inst.poll() is not None:
-        raise RestoreError("validating the copy", f"it exited at once with status {inst.exit_status}",
-                           output_tail=inst.output_tail())
-    try:
-        target = os.readlink(f"/proc/{inst.pid}/fd/1")
-    except OSError as e:
-        raise RestoreError("validating the copy", f"cannot read its stdout: {e.strerror}") from e
-    if target != str(inst.log_path("stdout")):
-        raise RestoreError("validating the copy",
-                           f"its stdout is {target}, not its own log: the image's stdio pipes do not "
-                           "match the manifest")
-
-
 HANDOVER = "handing over the identity"
 
 
-def _resolve(inst: Instance, identity: Identity, timeout: float | None) -> tuple[Identity, float]:
+def _resolve(inst: RestoredCopy, identity: Identity, timeout: float | None) -> tuple[Identity, float]:
     """Fill in the template's defaults: identity_timeout and the hostname pattern."""
     if identity.hostname is None and inst.hostname_pattern:
         identity = replace(identity,
@@ -244,18 +143,12 @@ def _resolve(inst: Instance, identity: Identity, timeout: float | None) -> tuple
     return identity, inst.identity_timeout if timeout is None else timeout
 
 
-def _set_hostname(inst: Instance, identity: Identity) -> None:
+def _set_hostname(inst: RestoredCopy, identity: Identity) -> None:
     if identity.hostname:
         netns.set_hostname(f"/proc/{inst.pid}/ns/uts", identity.hostname)
 
 
-def _identity_message(identity: Identity, timeout: float) -> dict:
-    return {"type": "identity", "instance_id": identity.instance_id, "env": identity.env,
-            "args": identity.args, "hostname": identity.hostname, "seed": identity.seed,
-            "deadline": time.time() + timeout}
-
-
-def _no_ack(inst: Instance, timeout: float, timed_out: bool) -> RestoreError:
+def _no_ack(inst: RestoredCopy, timeout: float, timed_out: bool) -> RestoreError:
     if not timed_out:
         inst.wait(0.5)  # the channel broke: the copy is most likely dying; let its PID 1 finish
     if inst.poll() is not None:
@@ -265,7 +158,7 @@ def _no_ack(inst: Instance, timeout: float, timed_out: bool) -> RestoreError:
     return RestoreError(HANDOVER, "the copy broke its control channel")
 
 
-def _accept_ack(inst: Instance, identity: Identity, reply: dict) -> None:
+def _accept_ack(inst: RestoredCopy, identity: Identity, reply: dict) -> None:
     if reply["type"] == "error":
         raise RestoreError(HANDOVER, f"the copy's after_restore failed: {reply.get('message')}")
     if reply["type"] != "ack" or reply.get("instance_id") != identity.instance_id:
@@ -275,12 +168,12 @@ def _accept_ack(inst: Instance, identity: Identity, reply: dict) -> None:
         setattr(inst, name, None)
 
 
-def _record(inst: Instance, identity: Identity) -> None:
+def _record(inst: RestoredCopy, identity: Identity) -> None:
     inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
     inst.state = "running"
 
 
-async def hand_over_async(inst: Instance, identity: Identity, timeout: float | None = None) -> None:
+async def hand_over_async(inst: RestoredCopy, identity: Identity, timeout: float | None = None) -> None:
     """hand_over() for asyncio callers (the service's warm path): the identity is written and the
     ack awaited with loop.add_writer/add_reader, so neither a large identity nor a slow copy blocks
     the loop, and no thread hop. On failure it raises RestoreError and leaves the copy to the
@@ -293,7 +186,7 @@ async def hand_over_async(inst: Instance, identity: Identity, timeout: float | N
         if inst.sdk:
             try:
                 async with asyncio.timeout(timeout):  # a copy that does not read times out too
-                    await control.write_frame_async(inst.ctl_w, _identity_message(identity, timeout))
+                    await control.write_frame_async(inst.ctl_w, identity.to_message(time.time() + timeout))
                     reply = await control.read_frame_async(inst.ctl_r)
             except TimeoutError as e:
                 raise _no_ack(inst, timeout, True) from e
@@ -305,6 +198,6 @@ async def hand_over_async(inst: Instance, identity: Identity, timeout: float | N
     _record(inst, identity)
 
 
-def _tail_after_exit(inst: Instance) -> str:
+def _tail_after_exit(inst: RestoredCopy) -> str:
     inst.wait(0.2)  # a crashing copy's last words reach its log just before it dies
     return inst.output_tail()

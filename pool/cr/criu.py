@@ -557,7 +557,7 @@ def _reap_orphans(pids: set[int], timeout: float = 3.0) -> None:
 # A copy's PID 1 becomes our child once the CRIU that restored it exits (we are a subreaper). So
 # do the half-restored tree and the helpers (iptables, ...) of a CRIU that died mid-restore:
 # strays, which nobody else would kill or reap. A stray is a direct child that no one claimed
-# (Criu.restore claims the pid it returns before CRIU exits; Instance.poll disowns it once
+# (Criu.restore claims the pid it returns before CRIU exits; RestoredCopy.poll disowns it once
 # reaped) and that is either in a pid namespace below ours (a restored tree) or a zombie (a dead
 # helper: our own subprocesses are waited for by whoever started them as soon as they exit).
 _claimed: set[int] = set()

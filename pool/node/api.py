@@ -157,8 +157,7 @@ class NodeApi:
             m = t.manifest
             pool = self.rt.pools.by_name.get(t.name)
             out.append({"name": t.name, "build_id": t.build_id, "image_bytes": t.image_bytes,
-                        "sdk": "ctl_in" in m.get("pipes", {}), "built_at": m.get("built_at"),
-                        "port": (m.get("spec", {}).get("network") or {}).get("port"),
+                        "sdk": m.sdk, "built_at": m.built_at, "port": m.port,
                         "pool": pool.snapshot() if pool else None, "node": self.rt.name})
         return out
 
@@ -191,7 +190,7 @@ class NodeApi:
         rt = self.rt
         # a lazy fork's build lacks its memory: it is never a template to restore again
         templates = {t.name: t.build_id for t in rt.store.all()
-                     if not t.manifest.get("lazy_pages")}
+                     if not t.manifest.lazy_pages}
         return {"node": rt.name, "facts": node_facts(rt.criu).to_wire(),
                 "templates": templates, "capacity": rt.settings.capacity,
                 "free": rt.free(), "live": rt.table.live_count(), "draining": rt.draining}

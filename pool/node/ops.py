@@ -119,7 +119,7 @@ class NodeOps:
         inst = c.inst
         name = fork_name(inst.template)
         token = secrets.token_urlsafe(24)
-        source_manifest = {}
+        source_manifest = None
         with contextlib.suppress(PoolError):
             t = self.store.get(inst.template)
             if t.build_id == inst.build_id:

@@ -4,7 +4,7 @@ races with anything else.
 Events: a copy exited (its pidfd became readable: the loop's reader only enqueues), a pool wants a
 refill, a tick (every TICK_S: pools' outcomes and backoffs, ttl and idle limits, every second the
 copies' logs and stray children). The Restorer makes this process a child subreaper, so every copy
-is our child: we reap only pids we know (Instance.poll: waitpid(pid, WNOHANG)), never waitpid(-1),
+is our child: we reap only pids we know (RestoredCopy.poll: waitpid(pid, WNOHANG)), never waitpid(-1),
 which would steal exit statuses from subprocess/CRIU.
 
 Kill policy: SIGTERM, then SIGKILL after the grace (0: SIGKILL now); a second kill of a copy already

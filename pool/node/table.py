@@ -51,7 +51,7 @@ class CopyStateError(RuntimeError):
 
 @dataclass(eq=False)
 class Copy:
-    inst: Any                              # pool.copies.instance.Instance
+    inst: Any                              # pool.copies.restored.RestoredCopy
     pool: WarmPool
     done: asyncio.Future                   # exit status once reaped
     state: CopyState = CopyState.WARM

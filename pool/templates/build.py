@@ -24,6 +24,7 @@ from pool.cr import sandbox
 from pool.templates import store
 from pool.cr.criu import Criu, DumpOptions
 from pool.errors import BuildError, CriuError, CriuFailed
+from pool.templates.manifest import Manifest
 from pool.templates.spec import Spec
 
 Progress = Callable[[str], None]
@@ -39,7 +40,7 @@ class BuildResult:
     template: store.Template
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.template.manifest
 
 

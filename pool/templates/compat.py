@@ -8,9 +8,10 @@ from __future__ import annotations
 import platform
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pool.errors import Incompatible
+from pool.templates.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -47,29 +48,28 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
 
 
-def compatibility_problem(manifest: Mapping[str, Any], facts: NodeFacts) -> str | None:
+def compatibility_problem(manifest: Manifest, facts: NodeFacts) -> str | None:
     """Why an image with this manifest cannot be restored on a node with these facts, or None.
 
     Same architecture; CRIU and kernel at least as new (major.minor) as where it was dumped: CRIU
     reads older images, and an older kernel may lack what the dump recorded.
     """
-    arch = manifest.get("arch")
-    if arch != facts.arch:
-        return f"image is for {arch}, the node is {facts.arch}"
-    need_criu = str(manifest.get("criu_version", ""))
+    if manifest.arch != facts.arch:
+        return f"image is for {manifest.arch}, the node is {facts.arch}"
+    need_criu = manifest.criu_version
     if not version_tuple(need_criu):
         return "the image's manifest does not say which CRIU dumped it"
     if version_tuple(facts.criu_version) < version_tuple(need_criu):
         return f"image was dumped by CRIU {need_criu}, the node has CRIU {facts.criu_version}"
-    need_kernel = str(manifest.get("kernel", ""))
+    need_kernel = manifest.kernel
     if version_tuple(facts.kernel) < version_tuple(need_kernel):
         return (f"image was dumped on kernel {need_kernel}, the node runs the older "
                 f"{facts.kernel}")
     return None
 
 
-def check(manifest: Mapping[str, Any], facts: NodeFacts) -> None:
+def check(manifest: Manifest, facts: NodeFacts) -> None:
     """compatibility_problem as an Incompatible error."""
     problem = compatibility_problem(manifest, facts)
     if problem is not None:
-        raise Incompatible(problem, template=manifest.get("name"), build_id=manifest.get("build_id"))
+        raise Incompatible(problem, template=manifest.name, build_id=manifest.build_id)

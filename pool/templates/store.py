@@ -18,32 +18,29 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from pool.errors import TemplateCorrupt, TemplateNotFound
 from pool.names import is_stored_name
+from pool.templates.manifest import FORMAT, MANIFEST, ImageFile, Manifest, valid_build_id
 
-MANIFEST = "manifest.json"
-FORMAT = 1
-_BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
-_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 KEEP_PREVIOUS = 1
 _NOT_PUBLISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})  # readlink: no build
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path, h: Any = None) -> Any:
+    """The sha256 of a file's bytes, as a hashlib object (h: one to go on from, for a resumed
+    file); .hexdigest() is what manifests hold."""
+    h = h or hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class Template:
 
     name: str
     build_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def image_dir(self) -> Path:
@@ -60,15 +57,15 @@ class Template:
 
     @property
     def build_id(self) -> str:
-        return self.manifest["build_id"]
+        return self.manifest.build_id
 
     @property
     def image_bytes(self) -> int:
-        return int(self.manifest["image_bytes"])
+        return self.manifest.image_bytes
 
     def verify(self, full: bool = True) -> None:
         """Check every image file against the manifest: sizes always, sha256 when full."""
-        files: dict[str, dict[str, Any]] = self.manifest["files"]
+        files = self.manifest.files
         present = {p.name for p in self.image_dir.iterdir()} if self.image_dir.is_dir() else set()
         missing = sorted(set(files) - present)
         if missing:
@@ -79,9 +76,9 @@ class Template:
         for rel, meta in files.items():
             path = self.image_dir / rel
             size = path.stat().st_size
-            if size != meta["size"]:
-                raise TemplateCorrupt(self.name, f"{rel} is {size} bytes, manifest says {meta['size']}")
-            if full and sha256_file(path) != meta["sha256"]:
+            if size != meta.size:
+                raise TemplateCorrupt(self.name, f"{rel} is {size} bytes, manifest says {meta.size}")
+            if full and sha256_file(path).hexdigest() != meta.sha256:
                 raise TemplateCorrupt(self.name, f"{rel} does not match its sha256 in the manifest")
 
 
@@ -106,15 +103,12 @@ class Store:
             raise TemplateNotFound(name, where=str(self.root))
         build_dir = link.resolve()  # pin this build: a later swap does not move us
         try:
-            manifest = json.loads((build_dir / MANIFEST).read_text())
+            raw = json.loads((build_dir / MANIFEST).read_text())
         except FileNotFoundError as e:
             raise TemplateCorrupt(name, f"no {MANIFEST} in {build_dir}") from e
         except json.JSONDecodeError as e:
             raise TemplateCorrupt(name, f"{MANIFEST} is not valid JSON: {e.msg}") from e
-        if manifest.get("format") != FORMAT or manifest.get("name") != name:
-            raise TemplateCorrupt(name, f"{MANIFEST} has format {manifest.get('format')!r} "
-                                        f"and name {manifest.get('name')!r}")
-        return Template(name=name, build_dir=build_dir, manifest=manifest)
+        return Template(name=name, build_dir=build_dir, manifest=Manifest.from_dict(raw, name))
 
     def current_build_id(self, name: str) -> str | None:
         """The build id NAME's `current` link points to, or None if nothing is published: one
@@ -145,33 +139,23 @@ class Store:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
-        """Seal staged (manifest, 0600 files) and make it NAME's current build atomically."""
-        if not is_stored_name(name):
-            raise ValueError(f"bad template name {name!r}")
-        manifest = {**manifest, "format": FORMAT, "name": name}
-        image = staged / "image"
-        files = {}
-        for p in sorted(image.iterdir()):
-            os.chmod(p, 0o600)
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest["files"] = files
-        manifest["image_bytes"] = sum(f["size"] for f in files.values())
-        return self._install(name, staged, manifest)
+    def publish(self, name: str, staged: Path, facts: Mapping[str, Any]) -> Template:
+        """Seal staged (see seal()) and make it NAME's current build atomically."""
+        template = seal(staged, name, facts)
+        return self._install(name, staged, template.manifest.build_id)
 
-    def publish_received(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
+    def publish_received(self, name: str, staged: Path, manifest: Manifest) -> Template:
         """Publish a build made on another node, keeping its build_id and manifest as they are.
 
         staged/image must hold exactly the manifest's files, each matching its size and sha256
         (TemplateCorrupt otherwise, and nothing is published). If that build is already here it
         is reused: publishing the same build twice is harmless.
         """
-        problem = manifest_problem(manifest, name)
-        if problem:
-            raise TemplateCorrupt(name, problem)
+        if manifest.name != name:
+            raise TemplateCorrupt(name, f"{MANIFEST}: name is {manifest.name!r}, expected {name!r}")
         received = Template(name=name, build_dir=staged, manifest=manifest)
         received.verify(full=True)
-        final = self.root / name / "builds" / manifest["build_id"]
+        final = self.root / name / "builds" / manifest.build_id
         if final.is_dir():
             try:
                 Template(name=name, build_dir=final, manifest=manifest).verify(full=True)
@@ -182,11 +166,11 @@ class Store:
                 return self._swap(name, final)
         for p in (staged / "image").iterdir():
             os.chmod(p, 0o600)
-        return self._install(name, staged, manifest)
+        write_manifest(staged, manifest)
+        return self._install(name, staged, manifest.build_id)
 
-    def _install(self, name: str, staged: Path, manifest: dict[str, Any]) -> Template:
-        """Write the manifest, sync, move staged into builds/ and swap `current` to it."""
-        _write_private(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    def _install(self, name: str, staged: Path, build_id: str) -> Template:
+        """Sync the sealed build staged, move it into builds/ and swap `current` to it."""
         for d in (staged, staged / "image"):
             os.chmod(d, 0o700)
         _fsync_tree(staged)
@@ -195,7 +179,7 @@ class Store:
         builds = tdir / "builds"
         builds.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(tdir, 0o700)
-        final = builds / manifest["build_id"]
+        final = builds / build_id
         os.rename(staged, final)
         return self._swap(name, final)
 
@@ -216,7 +200,7 @@ class Store:
         against the sender's manifest carry their final name; the file in flight ends in .part.
         Partial dirs of other builds of NAME are dropped: they can no longer be completed.
         """
-        if not is_stored_name(name) or not _BUILD_ID_RE.match(build_id):
+        if not is_stored_name(name) or not valid_build_id(build_id):
             raise ValueError(f"bad template name {name!r} or build id {build_id!r}")
         self._ensure_root()
         root = self.root / ".partial"
@@ -248,28 +232,27 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def manifest_problem(manifest: Any, name: str) -> str | None:
-    """What makes a manifest from elsewhere unusable here (its names become paths), or None."""
-    if not isinstance(manifest, dict):
-        return "the manifest is not a map"
-    if manifest.get("format") != FORMAT or manifest.get("name") != name:
-        return (f"{MANIFEST} has format {manifest.get('format')!r} and name "
-                f"{manifest.get('name')!r}, expected {FORMAT} and {name!r}")
-    if not isinstance(manifest.get("build_id"), str) or not _BUILD_ID_RE.match(manifest["build_id"]):
-        return f"bad build id {manifest.get('build_id')!r}"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return "the manifest lists no image files"
-    for rel, meta in files.items():
-        if not isinstance(rel, str) or not _FILE_RE.match(rel):
-            return f"bad image file name {rel!r}"
-        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int)
-                or isinstance(meta.get("size"), bool) or meta["size"] < 0
-                or not isinstance(meta.get("sha256"), str) or not _SHA_RE.match(meta["sha256"])):
-            return f"bad size or sha256 for {rel}"
-    if manifest.get("image_bytes") != sum(m["size"] for m in files.values()):
-        return "image_bytes is not the sum of the file sizes"
-    return None
+def seal(build_dir: Path, name: str, facts: Mapping[str, Any]) -> Template:
+    """Finish a build dir whose image/ is complete: its files made private (0600) and listed with
+    size and sha256, the manifest (facts plus format, name, files, image_bytes) checked and
+    written. Store.publish seals its staging dir so; a fork seals a dir it ships unpublished."""
+    if not is_stored_name(name):
+        raise ValueError(f"bad template name {name!r}")
+    files = {}
+    for p in sorted((build_dir / "image").iterdir()):
+        os.chmod(p, 0o600)
+        files[p.name] = ImageFile(size=p.stat().st_size, sha256=sha256_file(p).hexdigest())
+    manifest = Manifest.from_dict({
+        **facts, "format": FORMAT, "name": name,
+        "files": {rel: f.to_dict() for rel, f in files.items()},
+        "image_bytes": sum(f.size for f in files.values())}, name)
+    write_manifest(build_dir, manifest)
+    return Template(name=name, build_dir=build_dir, manifest=manifest)
+
+
+def write_manifest(build_dir: Path, manifest: Manifest) -> None:
+    """The one writer of manifest.json: private, synced."""
+    _write_private(build_dir / MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

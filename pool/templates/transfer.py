@@ -37,7 +37,8 @@ from pool.wire import protocol
 from pool.templates.compat import NodeFacts, compatibility_problem
 from pool.errors import (Incompatible, PoolError, ProtocolError, TemplateCorrupt, TemplateNotFound,
                      TransferError)
-from pool.templates.store import Store, Template, manifest_problem, write_problem
+from pool.templates.manifest import ImageFile, Manifest
+from pool.templates.store import Store, Template, sha256_file, write_problem
 
 try:  # optional at import time: a node without it still speaks zlib
     import zstandard
@@ -52,7 +53,7 @@ STREAM_LIMIT = 4 << 20      # StreamReader buffer: the 64 KiB default pauses the
 ZSTD_LEVEL = 1              # criu-notes: zstd -1 makes images 3-5x smaller at ~1 GB/s
 CODECS = ("zstd", "zlib", "none") if zstandard is not None else ("zlib", "none")
 
-Check = Callable[[dict[str, Any], NodeFacts], "str | None"]
+Check = Callable[[Manifest, NodeFacts], "str | None"]
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
@@ -186,7 +187,7 @@ class TemplateSource:
             template, codec = self._offer(req)
             fds = _open_pinned(template)
             await _send(writer, protocol.encode_frame(
-                {"op": "offer", "manifest": template.manifest, "codec": codec}), idle)
+                {"op": "offer", "manifest": template.manifest.to_dict(), "codec": codec}), idle)
             want = await _read_frame(reader, idle)
             if want.get("op") == "cancel":
                 return
@@ -196,16 +197,16 @@ class TemplateSource:
                 raise ProtocolError("want: have and resume must be maps")
             self.transfers += 1
             streaming = True
-            for rel, meta in sorted(template.manifest["files"].items()):
-                if have.get(rel) == meta["sha256"]:
+            for rel, meta in sorted(template.manifest.files.items()):
+                if have.get(rel) == meta.sha256:
                     continue
                 offset = resume.get(rel, 0)
                 if not isinstance(offset, int) or isinstance(offset, bool) \
-                        or not 0 <= offset <= meta["size"]:
+                        or not 0 <= offset <= meta.size:
                     raise ProtocolError(f"want: bad resume offset for {rel}")
                 await _send(writer, protocol.encode_frame(
-                    {"op": "file", "name": rel, "offset": offset, "size": meta["size"]}), idle)
-                await self._stream(writer, fds[rel], offset, meta["size"], codec, idle,
+                    {"op": "file", "name": rel, "offset": offset, "size": meta.size}), idle)
+                await self._stream(writer, fds[rel], offset, meta.size, codec, idle,
                                    f"{template.name}/{rel}")
             streaming = False
             await _send(writer, protocol.encode_frame({"op": "done"}), idle)
@@ -276,10 +277,10 @@ def _open_pinned(template: Template) -> dict[str, int]:
     """Open every image file now: a publish that prunes this build mid-transfer cannot pull it away."""
     fds: dict[str, int] = {}
     try:
-        for rel, meta in template.manifest["files"].items():
+        for rel, meta in template.manifest.files.items():
             fd = os.open(template.image_dir / rel, os.O_RDONLY | os.O_CLOEXEC)
             fds[rel] = fd
-            if os.fstat(fd).st_size != meta["size"]:
+            if os.fstat(fd).st_size != meta.size:
                 raise TemplateCorrupt(template.name, f"{rel} does not have its manifest size here")
     except FileNotFoundError as e:
         for fd in fds.values():
@@ -347,7 +348,7 @@ class _Decoder:
 
 async def fetch(store: Store, name: str, address: tuple[str, int] | None = None, *,
                 connect: Connect | None = None, token: str | None = None,
-                facts: NodeFacts | None = None, check: Callable[[dict], str | None] | None = None,
+                facts: NodeFacts | None = None, check: Callable[[Manifest], str | None] | None = None,
                 codecs: tuple[str, ...] = CODECS, build_id: str | None = None,
                 timeout: float = 600.0, idle_timeout: float = 30.0) -> FetchResult:
     """Get template `name` from the TemplateSource at address into store, verified and published.
@@ -388,7 +389,7 @@ async def fetch(store: Store, name: str, address: tuple[str, int] | None = None,
 
 async def _fetch(store: Store, name: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, *, token: str | None, facts: NodeFacts | None,
-                 check: Callable[[dict], str | None] | None, codecs: tuple[str, ...],
+                 check: Callable[[Manifest], str | None] | None, codecs: tuple[str, ...],
                  build_id: str | None, idle: float) -> FetchResult:
     await _send(writer, protocol.encode_frame(protocol.make_hello(token, "pool-transfer")), idle)
     protocol.check_hello_reply(await _read_frame(reader, idle))
@@ -396,21 +397,22 @@ async def _fetch(store: Store, name: str, reader: asyncio.StreamReader,
         "op": "fetch", "name": name, "facts": facts.to_wire() if facts else None,
         "codecs": list(codecs), "build_id": build_id}), idle)
     offer = _expect(await _read_frame(reader, idle), "offer")
-    manifest, codec = offer.get("manifest"), offer.get("codec")
-    problem = manifest_problem(manifest, name)
-    if problem:
-        raise TemplateCorrupt(name, f"the sender's manifest is unusable: {problem}")
+    codec = offer.get("codec")
+    try:
+        manifest = Manifest.from_dict(offer.get("manifest"), name)
+    except TemplateCorrupt as e:
+        raise TemplateCorrupt(name, f"the sender's manifest is unusable: {e.reason}") from e
     if codec not in codecs:
         raise ProtocolError(f"the sender chose codec {codec!r}, which was not offered")
-    if build_id is not None and manifest["build_id"] != build_id:
+    if build_id is not None and manifest.build_id != build_id:
         raise TemplateNotFound(f"{name}@{build_id}", where="the sender")
     why = check(manifest) if check is not None else None
     if why is not None:
         await _send(writer, protocol.encode_frame({"op": "cancel"}), idle)
-        raise Incompatible(why, template=name, build_id=manifest["build_id"])
+        raise Incompatible(why, template=name, build_id=manifest.build_id)
     with contextlib.suppress(TemplateNotFound, TemplateCorrupt):
         current = store.get(name)
-        if current.build_id == manifest["build_id"]:
+        if current.build_id == manifest.build_id:
             current.verify(full=False)
             await _send(writer, protocol.encode_frame({"op": "cancel"}), idle)
             return FetchResult(template=current, codec=codec, already_current=True)
@@ -423,11 +425,11 @@ async def _fetch(store: Store, name: str, reader: asyncio.StreamReader,
 
 
 async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter, manifest: dict, codec: str,
+                   writer: asyncio.StreamWriter, manifest: Manifest, codec: str,
                    idle: float) -> FetchResult:
     """Receive the files this store lacks into its partial dir, then publish the build."""
     async with _partial_lock(store, name, idle):
-        partial = store.partial_dir(name, manifest["build_id"])
+        partial = store.partial_dir(name, manifest.build_id)
         have, resume, hashers = await asyncio.to_thread(_scan_partial, partial, manifest)
         await _send(writer, protocol.encode_frame({
             "op": "want", "have": have, "resume": {k: v for k, v in resume.items() if v}}), idle)
@@ -439,15 +441,15 @@ async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
                 break
             head = _expect(head, "file")
             rel = head.get("name")
-            files = manifest["files"]
+            files = manifest.files
             if rel not in files or rel in have or rel in received:
                 raise ProtocolError(f"the sender sent an unexpected file {str(rel)[:80]!r}")
-            if head.get("offset") != resume.get(rel, 0) or head.get("size") != files[rel]["size"]:
+            if head.get("offset") != resume.get(rel, 0) or head.get("size") != files[rel].size:
                 raise ProtocolError(f"the sender sent {rel} from the wrong offset or size")
             await _receive_file(reader, partial / "image", rel, files[rel], codec,
                                 resume.get(rel, 0), hashers.get(rel), idle, result)
             received.add(rel)
-        missing = set(manifest["files"]) - set(have) - received
+        missing = set(manifest.files) - set(have) - received
         if missing:
             raise TransferError(f"the sender ended without sending {sorted(missing)[0]}")
         result.files_sent = len(received)
@@ -455,7 +457,7 @@ async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
     return result
 
 
-async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, meta: dict,
+async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, meta: ImageFile,
                         codec: str, offset: int, hasher: Any, idle: float,
                         result: FetchResult) -> None:
     part = image / f"{rel}.part"
@@ -463,7 +465,7 @@ async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, met
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         hasher = hashlib.sha256()
-    sink = _Sink(part, hasher, meta["size"] - offset, image.parent.name.split("@")[0])
+    sink = _Sink(part, hasher, meta.size - offset, image.parent.name.split("@")[0])
     decoder = _Decoder(codec, sink)
     try:
         while True:
@@ -480,17 +482,17 @@ async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, met
         await asyncio.to_thread(decoder.finish)
     finally:
         sink.close()
-    if sink.left != 0 or hasher.hexdigest() != meta["sha256"]:
+    if sink.left != 0 or hasher.hexdigest() != meta.sha256:
         part.unlink()  # never resume from bytes that are known bad
         raise TemplateCorrupt(image.parent.name.split("@")[0],
                               f"{rel} did not match its sha256 in the sender's manifest")
     os.rename(part, image / rel)
 
 
-def _scan_partial(partial: Path, manifest: dict) -> tuple[dict[str, str], dict[str, int], dict]:
+def _scan_partial(partial: Path, manifest: Manifest) -> tuple[dict[str, str], dict[str, int], dict]:
     """What an earlier, interrupted transfer left: verified files (kept only if their sha256 still
     matches), and .part prefixes to resume, with their hash state so far."""
-    files: dict[str, dict] = manifest["files"]
+    files = manifest.files
     image = partial / "image"
     have: dict[str, str] = {}
     resume: dict[str, int] = {}
@@ -503,24 +505,16 @@ def _scan_partial(partial: Path, manifest: dict) -> tuple[dict[str, str], dict[s
             continue
         size = p.stat().st_size
         if not is_part:
-            if size == meta["size"] and _sha256(p, None).hexdigest() == meta["sha256"]:
-                have[rel] = meta["sha256"]
+            if size == meta.size and sha256_file(p).hexdigest() == meta.sha256:
+                have[rel] = meta.sha256
             else:
                 _remove(p)
-        elif 0 < size < meta["size"] and not (image / rel).exists():
-            hashers[rel] = _sha256(p, None)
+        elif 0 < size < meta.size and not (image / rel).exists():
+            hashers[rel] = sha256_file(p)
             resume[rel] = size
         else:
             _remove(p)
     return have, resume, hashers
-
-
-def _sha256(path: Path, h: Any) -> Any:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h
 
 
 def _remove(p: Path) -> None:

@@ -4,14 +4,17 @@ Used by both sides: the in-app SDK (pool.runtime, pool/java/PoolRuntime.java) an
 Standard library and msgpack only, because applications import it.
 
 Messages: app -> pool `{"type": "ready", "pid", "runtime"}` then, in each restored copy,
-pool -> app `{"type": "identity", "instance_id", "env", "args", "hostname", "seed", "deadline"}` and
+pool -> app `{"type": "identity", "instance_id", "env", "args", "hostname", "seed", "deadline"}`
+(Identity.to_message) and
 app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "message"}`.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -25,6 +28,33 @@ _LEN = struct.Struct(">I")
 
 class ControlError(Exception):
     """The control channel broke: closed early, timed out or carried garbage."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes one copy itself: what the pool hands each restored copy, and what the app's
+    checkpoint() returns (the hostname is set by the pool, for SDK and transparent copies alike)."""
+
+    instance_id: str
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    hostname: str | None = None
+    seed: int = field(default_factory=lambda: secrets.randbits(63))
+    restored: bool = False  # the app's side: this process is a restored copy
+
+    def to_message(self, deadline: float) -> dict[str, Any]:
+        """The identity frame; deadline (time.time()) is when the pool stops waiting for the ack.
+        Key order is the frame's bytes, which the Java SDK reads too: keep it."""
+        return {"type": "identity", "instance_id": self.instance_id, "env": self.env,
+                "args": self.args, "hostname": self.hostname, "seed": self.seed,
+                "deadline": deadline}
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> "Identity":
+        """The identity frame as the restored app got it."""
+        return cls(instance_id=str(msg["instance_id"]), env=dict(msg.get("env") or {}),
+                   args=list(msg.get("args") or []), hostname=msg.get("hostname"),
+                   seed=int(msg.get("seed") or 0), restored=True)
 
 
 def _encode(msg: dict[str, Any]) -> bytes:

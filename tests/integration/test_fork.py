@@ -40,7 +40,7 @@ def test_fork_continues_and_the_original_keeps_running(counter, session_store, c
         ask(orig, "/inc")
     fork = checkpoint_instance(orig, session_store, criu, name="counter-fork")
     try:
-        m = fork.manifest
+        m = fork.manifest.to_dict()
         assert m["pipes"] == {} and set(m["stdio_keys"]) == {"stdout", "stderr"}
         assert m["forked_from"] == {"template": "counter", "build_id": counter.build_id,
                                     "instance": "orig"}
@@ -67,7 +67,7 @@ def test_fork_into_a_directory(counter, criu, restorer, copies, tmp_path):
     ask(orig, "/inc")
     t = checkpoint_instance(orig, tmp_path / "build", criu, source_manifest=counter.manifest)
     t.verify(full=True)
-    assert t.name.startswith("counter+fork-") and t.manifest["spec"]["network"]["port"] == 8080
+    assert t.name.startswith("counter+fork-") and t.manifest.spec["network"]["port"] == 8080
     assert (tmp_path / "build" / "manifest.json").is_file()
     with pytest.raises(FileExistsError):
         checkpoint_instance(orig, tmp_path / "build", criu)
@@ -85,7 +85,7 @@ def test_remote_fork_over_the_lab_network(counter, session_store, criu, restorer
     try:
         with NetLab(2) as lab:
             res = asyncio.run(_ship(lab, session_store, there, criu))
-        assert res.files_sent == len(res.template.manifest["files"])
+        assert res.files_sent == len(res.template.manifest.files)
         assert res.bytes_wire < res.bytes_raw  # compressed on the wire
         r2 = Restorer(there, criu, tmp_path / "node2-run")
         copy = r2.spawn("counter-remote", Identity("remote"))

@@ -251,7 +251,7 @@ def test_ghost_files_are_restored_one_at_a_time(tmp_path, store, criu, restorer)
     so concurrent restores of it collided here (`Can't create ghost regfile: File exists`) in
     nearly every round of 4 until the restorer serialized them. Now every copy comes up."""
     t = build_app(tmp_path, store, criu, SEMAPHORE_APP)
-    assert any(f.startswith("ghost-file") for f in t.manifest["files"])
+    assert any(f.startswith("ghost-file") for f in t.manifest.files)
     for _ in range(3):
         results = spawn_at_once(restorer, 4)
         for r in results:

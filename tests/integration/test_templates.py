@@ -40,7 +40,7 @@ def write_template(root: Path, name: str, toml: str, app: str) -> Path:
 
 def test_sdk_template_builds_and_restores(built, restorer, session_store):
     t = built("py-hello")
-    m = t.manifest
+    m = t.manifest.to_dict()
     assert m["spec"]["name"] == "py-hello" and m["spec_digest"]
     for key in ("criu_version", "kernel", "arch", "rss_bytes", "boot_to_ready_s", "build_s",
                 "dump_s", "image_bytes", "files", "pipes"):
@@ -63,7 +63,7 @@ def test_probe_template_builds_and_restores(tmp_path, store, criu):
     d = write_template(tmp_path, "tcp-probe", '[ready]\ntcp = 9000\ntimeout = 20\n'
                        '[network]\nmode = "isolated"\nport = 9000\n', TCP_APP)
     t = build(load_spec(d), store, criu).template
-    assert "ctl_in" not in t.manifest["pipes"]  # transparent: no control channel
+    assert "ctl_in" not in t.manifest.pipes  # transparent: no control channel
     inst = Restorer(store, criu, tmp_path / "run").spawn("tcp-probe", Identity("t-probe",
                                                                                hostname="probe-1"))
     try:

@@ -1,4 +1,4 @@
-"""The journal of copies (pool/copies/journal.py) and the capped logs of a copy (Instance.rotate_logs),
+"""The journal of copies (pool/copies/journal.py) and the capped logs of a copy (RestoredCopy.rotate_logs),
 on real files and real (sleep) processes."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pool.copies import journal
-from pool.copies.instance import Instance
+from pool.copies.restored import RestoredCopy
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ def sleepers():
         p.wait()
 
 
-def instance(run_dir: Path, pid: int = 0) -> Instance:
-    return Instance(id=run_dir.name.split(".")[0], template="t", build_id="b1", pid=pid, pidfd=-1,
+def instance(run_dir: Path, pid: int = 0) -> RestoredCopy:
+    return RestoredCopy(id=run_dir.name.split(".")[0], template="t", build_id="b1", pid=pid, pidfd=-1,
                     run_dir=run_dir, netns_fd=-1, sdk=False, port=8080, address="127.0.0.1:4321")
 
 

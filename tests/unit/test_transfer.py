@@ -17,12 +17,13 @@ from pool.wire import protocol
 from pool.templates import transfer
 from pool.templates.compat import NodeFacts
 from pool.errors import AuthError, Incompatible, TemplateCorrupt, TemplateNotFound, TransferError
-from pool.templates.store import MANIFEST, Store, manifest_problem, new_build_id
+from pool.templates.manifest import Manifest
+from pool.templates.store import MANIFEST, Store, new_build_id
 
 FACTS = NodeFacts(arch="x86_64", kernel="6.18.44", criu_version="4.2.1")
 
 
-def publish_fake(store: Store, name: str = "fake", sizes=(3 << 20, 200_000, 0, 5000)) -> dict:
+def publish_fake(store: Store, name: str = "fake", sizes=(3 << 20, 200_000, 0, 5000)) -> Manifest:
     """A published template whose image files are half compressible, half random."""
     rng = random.Random(name)
     with store.staging(name) as staged:
@@ -35,7 +36,7 @@ def publish_fake(store: Store, name: str = "fake", sizes=(3 << 20, 200_000, 0, 5
         (image / "inventory.img").write_bytes(b"inventory")
         t = store.publish(name, staged, {"build_id": new_build_id(), "arch": "x86_64",
                                          "kernel": "6.18.0", "criu_version": "4.2.1",
-                                         "spec": {"name": name}})
+                                         "pipes": {}, "spec": {"name": name}})
     return t.manifest
 
 
@@ -69,12 +70,12 @@ def test_round_trip_keeps_build_and_manifest(tmp_path, codec):
     assert got.manifest == manifest  # the sender's build id and manifest, unchanged
     got.verify(full=True)
     assert files_of(a, "fake") == files_of(b, "fake")
-    assert res.files_sent == len(manifest["files"]) and res.files_reused == 0
-    assert res.bytes_raw == manifest["image_bytes"]
+    assert res.files_sent == len(manifest.files) and res.files_reused == 0
+    assert res.bytes_raw == manifest.image_bytes
     if codec == "none":
-        assert res.bytes_wire == manifest["image_bytes"]
+        assert res.bytes_wire == manifest.image_bytes
     else:
-        assert res.bytes_wire < 0.8 * manifest["image_bytes"]  # half of every file is zeros
+        assert res.bytes_wire < 0.8 * manifest.image_bytes  # half of every file is zeros
     assert oct(os.stat(got.image_dir / "inventory.img").st_mode & 0o777) == "0o600"
     assert not list((tmp_path / "b" / ".partial").glob("fake@*"))  # partial dir became the build
 
@@ -134,7 +135,7 @@ class CuttingProxy:
 def test_interrupted_transfer_is_unusable_then_resumes(tmp_path):
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     manifest = publish_fake(a, sizes=(2 << 20, 3 << 20, 1000))
-    total = manifest["image_bytes"]
+    total = manifest.image_bytes
 
     async def main():
         async with source(a) as (src, addr):
@@ -163,7 +164,7 @@ def test_resume_after_damage_in_the_partial_dir(tmp_path):
     """A kept file that no longer matches its sha256 is dropped and sent again."""
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     manifest = publish_fake(a, sizes=(1 << 20, 1 << 20))
-    partial = b.partial_dir("fake", manifest["build_id"])
+    partial = b.partial_dir("fake", manifest.build_id)
     (partial / "image" / "pages-0.img").write_bytes(b"not the right bytes")
     (partial / "image" / "stray.img").write_bytes(b"x")
 
@@ -172,7 +173,7 @@ def test_resume_after_damage_in_the_partial_dir(tmp_path):
             return await transfer.fetch(b, "fake", addr)
 
     res = asyncio.run(main())
-    assert res.files_reused == 0 and res.files_sent == len(manifest["files"])
+    assert res.files_reused == 0 and res.files_sent == len(manifest.files)
     assert files_of(a, "fake") == files_of(b, "fake")
 
 
@@ -305,16 +306,17 @@ def test_decoder_refuses_more_bytes_than_the_manifest_says(tmp_path):
 ])
 def test_manifest_from_a_peer_is_validated(tmp_path, change, problem):
     a = Store(tmp_path / "a")
-    m = json.loads(json.dumps(publish_fake(a, sizes=(10,))))
-    assert manifest_problem(m, "fake") is None
+    m = json.loads(json.dumps(publish_fake(a, sizes=(10,)).to_dict()))
+    assert Manifest.from_dict(m, "fake").to_dict() == m
     change(m)
-    assert problem in manifest_problem(m, "fake")
+    with pytest.raises(TemplateCorrupt, match=problem):
+        Manifest.from_dict(m, "fake")
 
 
 def test_publish_received_checks_every_file(tmp_path):
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     m = publish_fake(a, sizes=(1000,))
-    staged = b.partial_dir("fake", m["build_id"])
+    staged = b.partial_dir("fake", m.build_id)
     for p in a.get("fake").image_dir.iterdir():
         (staged / "image" / p.name).write_bytes(p.read_bytes())
     (staged / "image" / "pages-0.img").write_bytes(b"\0" * 1000)
@@ -323,4 +325,4 @@ def test_publish_received_checks_every_file(tmp_path):
     assert b.names() == []
     (staged / "image" / "pages-0.img").write_bytes((a.get("fake").image_dir / "pages-0.img").read_bytes())
     t = b.publish_received("fake", staged, m)
-    assert t.manifest == m and json.loads((t.build_dir / MANIFEST).read_text()) == m
+    assert t.manifest == m and json.loads((t.build_dir / MANIFEST).read_text()) == m.to_dict()

@@ -1,4 +1,5 @@
-"""Instance: one restored copy of a template, as seen by whoever restored it.
+"""RestoredCopy: one restored copy of a template, as seen by whoever restored it (the service's
+record; the client's handle on a copy is pool.Instance, and both call its id the instance id).
 
 The copy's PID 1 (tini) is our child (we are a child subreaper), so we reap it and keep its exit
 status. A pidfd pins the process: signals never reach a recycled pid, and readiness of the pidfd
@@ -38,7 +39,7 @@ def open_handles(pid: int) -> tuple[int, int]:
 
 
 @dataclass
-class Instance:
+class RestoredCopy:
     id: str
     template: str
     build_id: str
