@@ -61,8 +61,6 @@ def checkpoint() -> Identity:
         fn()
     control.write_frame(wfd, {"type": "ready", "pid": os.getpid(), "runtime": "python"})
     msg = control.read_frame(rfd)  # CRIU checkpoints us here; each copy continues from this read
-    if msg["type"] == "abort":
-        os._exit(1)  # the build was cancelled: nothing to clean up in a never-published app
     if msg["type"] != "identity":
         raise control.ControlError(f"expected an identity message, got {msg['type']!r}")
     ident = Identity.from_message(msg)

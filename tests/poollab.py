@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from pool.cr.criu import become_subreaper
 from pool.cli.demo import ROOT
+from pool.cr.criu import become_subreaper
 
 AGENT_PORT = 7070
 

@@ -54,8 +54,8 @@ def cmd_doctor(args) -> int:
 
 # -- templates -------------------------------------------------------------------------------------
 def cmd_build(args) -> int:
-    from pool.templates.build import build  # noqa: PLC0415
     from pool.cr.criu import Criu  # noqa: PLC0415
+    from pool.templates.build import build  # noqa: PLC0415
     from pool.templates.spec import find_template_dir, load_spec  # noqa: PLC0415
 
     spec = load_spec(find_template_dir(args.template, _template_search()))

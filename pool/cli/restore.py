@@ -12,10 +12,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from pool import config
-from pool.cr.criu import Criu
-from pool.errors import PoolError
 from pool.copies.portproxy import PortProxy
 from pool.copies.restore import Identity, Restorer, new_instance_id
+from pool.cr.criu import Criu
+from pool.errors import PoolError
 from pool.templates.store import Store
 
 

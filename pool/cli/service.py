@@ -41,8 +41,8 @@ def _client(args):
 
 # -- serve -------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from pool.cluster.service import serve  # noqa: PLC0415
     from pool.cluster.config import load_config  # noqa: PLC0415
+    from pool.cluster.service import serve  # noqa: PLC0415
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pool import config
-from pool import names
+from pool import config, names
 from pool.errors import SpecError
 from pool.names import is_name
-from pool.tomlfields import Table, at_least, load_toml, one_of
 from pool.node.settings import NodeSettings
 from pool.node.warm import WarmSettings
+from pool.tomlfields import Table, at_least, load_toml, one_of
 
 SERVICE_KEYS = ("socket", "store", "run_dir", "tcp", "token_file", "metrics", "drain_timeout",
                 "on_shutdown", "kill_grace", "restore_concurrency", "quarantine_after",

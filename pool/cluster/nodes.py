@@ -19,8 +19,7 @@ import time
 from typing import Any
 
 from pool.cluster.scheduler import NodeView
-from pool.errors import (InstanceNotFound, NodeUnavailable, NoReply, PoolError, ProtocolError,
-                         TemplateNotFound)
+from pool.errors import InstanceNotFound, NodeUnavailable, NoReply, PoolError, ProtocolError, TemplateNotFound
 from pool.templates.compat import NodeFacts, check, compatibility_problem, node_facts
 from pool.templates.transfer import TemplateSource
 from pool.wire.protocol import validate_params

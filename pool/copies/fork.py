@@ -34,7 +34,6 @@ from pool.templates.manifest import Manifest
 from pool.templates.store import Store, Template, new_build_id, seal
 
 
-
 def checkpoint_instance(inst: RestoredCopy, dest: Store | Path, criu: Criu, *,
                         leave_running: bool = True, name: str | None = None,
                         source_manifest: Manifest | None = None,

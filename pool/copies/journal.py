@@ -25,6 +25,10 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
+from pool.copies.restored import RestoredCopy, open_handles
+
 log = logging.getLogger(__name__)
 
 RECORD = "copy.json"
@@ -170,7 +174,6 @@ def _holders(instances_dir: Path) -> dict[str, set[int]]:
 def _kill_trees(pids: set[int]) -> int:
     """SIGKILL each process and its descendants; they are not our children (the node that made
     them is gone), so whoever they were reparented to reaps them."""
-    import psutil  # noqa: PLC0415
 
     procs = []
     for pid in pids:
@@ -185,7 +188,6 @@ def _kill_trees(pids: set[int]) -> int:
 
 def reopen(run_dir: Path, rec: Record):
     """An RestoredCopy for a live copy of a previous life of the node; OSError if it is gone."""
-    from pool.copies.restored import RestoredCopy, open_handles  # noqa: PLC0415
 
     pidfd, netns_fd = open_handles(rec.pid)
     if not still_running(rec):  # the pid was recycled before we pinned it

@@ -186,7 +186,6 @@ function checkpoint() {
   let id;
   try {
     const msg = readFrame(fds.r);  // CRIU checkpoints us here; each copy continues from this read
-    if (msg.type === 'abort') process.exit(1);  // the build was cancelled
     if (msg.type !== 'identity') throw new ControlError(`expected an identity message, got ${JSON.stringify(msg.type)}`);
     id = parseIdentity(msg);
     identity = id;  // hooks may already ask for it

@@ -16,8 +16,8 @@ import errno
 import os
 from typing import Iterator
 
-from pool.errors import (BadRequest, CriuFailed, CriuUnavailable, NoCapacity, NodeUnavailable,
-                     PoolError, PoolTimeout, TemplateNotFound)
+from pool.errors import (BadRequest, CriuFailed, CriuUnavailable, NoCapacity, NodeUnavailable, PoolError,
+                         PoolTimeout, TemplateNotFound)
 
 # The node ran out of a shared resource: another template would have failed the same way.
 NODE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN,

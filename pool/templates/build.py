@@ -15,17 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pool.cr import hints
-
-from pool.cr import netns
-
-from pool.cr import sandbox
-
-from pool.templates import store
+from pool.cr import hints, netns, sandbox
 from pool.cr.criu import Criu, DumpOptions
 from pool.errors import BuildError, CriuError, CriuFailed
+from pool.templates import store
 from pool.templates.manifest import Manifest
 from pool.templates.spec import Spec
+from pool.wire.control import ControlError, read_frame
 
 Progress = Callable[[str], None]
 NODE_SDK_DIR = Path(__file__).resolve().parents[1] / "js"  # pool/js: pool-runtime.js
@@ -160,8 +156,6 @@ def _check_alive(app: sandbox.BootedApp, spec: Spec) -> None:
 
 
 def _wait_ready(app: sandbox.BootedApp, spec: Spec, progress: Progress) -> float:
-    from pool.wire.control import ControlError, read_frame  # noqa: PLC0415
-
     ready = spec.ready
     deadline = time.monotonic() + ready.timeout
     progress(f"waiting for readiness ({ready.mode}, up to {ready.timeout:g}s)")

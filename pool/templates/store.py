@@ -212,11 +212,6 @@ class Store:
         (path / "image").mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def drop_partial(self, name: str) -> None:
-        for old in (self.root / ".partial").glob(f"{name}@*"):
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-
     def remove(self, name: str) -> None:
         tdir = self.root / name
         if not is_stored_name(name) or not (tdir / "current").is_symlink():

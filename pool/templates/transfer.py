@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from pool.wire import protocol
-from pool.templates.compat import NodeFacts, compatibility_problem
 from pool.errors import (Incompatible, PoolError, ProtocolError, TemplateCorrupt, TemplateNotFound,
-                     TransferError)
+                         TransferError)
+from pool.templates.compat import NodeFacts, compatibility_problem
 from pool.templates.manifest import ImageFile, Manifest
 from pool.templates.store import Store, Template, sha256_file, write_problem
+from pool.wire import protocol
 
 try:  # optional at import time: a node without it still speaks zlib
     import zstandard

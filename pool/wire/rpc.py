@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from pool import fds
-from pool.wire import protocol as P
 from pool.errors import (BadRequest, InternalError, NoCapacity, NodeUnavailable, NoReply, PoolError,
                          PoolTimeout, ProtocolError)
+from pool.wire import protocol as P
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pool.cr.criu import Criu
 from pool.cli.demo import LocalService
+from pool.cr.criu import Criu
 from pool.templates.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pool.cli.main import EXIT_ERROR, main
-from pool.templates.build import build
-from pool.errors import BuildError, TemplateNotFound
 from pool.copies.restore import Restorer
+from pool.errors import BuildError, TemplateNotFound
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 
 NAME = "app"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from servicelab import copies_of, wait_until
 
+from pool.cli.demo import PROBES, LocalService, ask
 from pool.client import Instance
 from pool.cr.criu import become_subreaper
-from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import PoolError
-from servicelab import copies_of, wait_until
 
 pytestmark = pytest.mark.integration
 CONFIG = "[templates.py-hello]\nmin_warm = {warm}\n[service]\nexited_history = 0\n{extra}"

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from pool.copies.restore import Identity, Restorer
 from pool.cr import netns
-
+from pool.errors import BuildError, TemplateNotFound, TransferError
 from pool.templates import transfer
 from pool.templates.build import build
-from pool.errors import BuildError, TemplateNotFound, TransferError
-from pool.copies.restore import Identity, Restorer
 from pool.templates.spec import Spec, load_spec
 from pool.templates.store import Store
 

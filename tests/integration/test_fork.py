@@ -6,15 +6,14 @@ import asyncio
 import json
 
 import pytest
-
 from netlab import NetLab
+
+from pool.copies.fork import checkpoint_instance
+from pool.copies.restore import Identity, Restorer
 from pool.cr import netns
 from pool.templates import transfer
 from pool.templates.compat import node_facts
-from pool.copies.fork import checkpoint_instance
-from pool.copies.restore import Identity, Restorer
 from pool.templates.store import Store
-
 
 
 def ask(inst, path: str = "/") -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pool.copies.restore import Identity, Restorer
 from pool.cr import netns
 from pool.templates.build import build
-from pool.copies.restore import Identity, Restorer
 from pool.templates.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]

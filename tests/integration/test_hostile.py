@@ -17,12 +17,12 @@ import time
 import msgpack
 import psutil
 import pytest
-
-from pool.wire import protocol as P
-from pool.config import Limits
-from pool.cli.demo import PROBES, ask
-from pool.errors import BadRequest, NoCapacity
 from servicelab import cli, wait_until
+
+from pool.cli.demo import PROBES, ask
+from pool.config import Limits
+from pool.errors import BadRequest, NoCapacity
+from pool.wire import protocol as P
 
 pytestmark = pytest.mark.integration
 ONE_WARM = "[templates.py-hello]\nmin_warm = 1\nmax_live = 8\n"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pool.cr import netns
-from pool.templates.build import build
-from pool.errors import RestoreError
 from pool.copies.fork import checkpoint_instance_lazy, restore_lazy
 from pool.copies.restore import Identity
+from pool.cr import netns
+from pool.errors import RestoreError
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"

@@ -8,17 +8,11 @@ import threading
 import time
 
 import pytest
-from test_build_failures import (
-    NAME,
-    TCP_CLIENT_APP,
-    assert_rolled_back,
-    builds_of,
-    write_template,
-)
+from test_build_failures import NAME, TCP_CLIENT_APP, assert_rolled_back, builds_of, write_template
 
-from pool.templates.build import build
-from pool.errors import BuildError, RestoreError
 from pool.copies.restore import Restorer
+from pool.errors import BuildError, RestoreError
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from netlab import NetLab, list_netns, sweep_stale, wait_until
 
 ECHO = """

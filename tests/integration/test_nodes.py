@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from poollab import AGENT_PORT, PoolLab
 
-from pool.wire import protocol as P
-from pool.templates.build import build
 from pool.errors import NodeUnavailable, TemplateCorrupt
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 from pool.templates.store import Store
-from poollab import AGENT_PORT, PoolLab
+from pool.wire import protocol as P
 
 pytestmark = pytest.mark.integration
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"

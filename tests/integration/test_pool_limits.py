@@ -12,10 +12,10 @@ import time
 
 import psutil
 import pytest
+from servicelab import POOL, cli, copies_of, wait_until
 
 from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import BadRequest, NoCapacity, PoolError, TemplateNotFound
-from servicelab import POOL, cli, copies_of, wait_until
 
 pytestmark = pytest.mark.integration
 TEMPLATES = POOL.rsplit("/.venv/", 1)[0] + "/templates"

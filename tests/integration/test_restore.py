@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pool.templates.build import build
-from pool.errors import Incompatible, RestoreError, TemplateCorrupt
 from pool.copies.portproxy import PortProxy
 from pool.copies.restore import Identity, Restorer
+from pool.errors import Incompatible, RestoreError, TemplateCorrupt
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 from pool.templates.store import MANIFEST
 

@@ -13,11 +13,11 @@ import urllib.request
 
 import psutil
 import pytest
+from servicelab import POOL, cli, copies_of, wait_until
 
 import pool
 from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, Quarantined
-from servicelab import POOL, cli, copies_of, wait_until
 
 pytestmark = pytest.mark.integration
 

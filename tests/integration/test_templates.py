@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pool.cr import netns
-from pool.templates.build import build
-from pool.errors import TemplateCorrupt, TemplateNotFound
 from pool.copies.restore import Identity, Restorer
+from pool.cr import netns
+from pool.errors import TemplateCorrupt, TemplateNotFound
+from pool.templates.build import build
 from pool.templates.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ import signal
 from dataclasses import fields
 
 import pytest
-
 from nodefakes import FakeMetrics, FakeRestorer
+
 from pool.cluster.config import load_config
 from pool.errors import BadRequest, InstanceNotFound, NoCapacity, ShuttingDown
 from pool.node.runtime import NodeRuntime

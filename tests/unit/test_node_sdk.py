@@ -157,13 +157,14 @@ def test_math_random_follows_the_identity_seed_crypto_does_not():
     assert first["uuid"][14] == "4" and first["uuid"][19] in "89ab"  # a version 4 UUID
 
 
-def test_abort_exits_1():
+def test_a_message_other_than_the_identity_is_refused():
     with checkpoint_app() as (proc, pool_r, pool_w, _):
         assert recv(pool_r)["type"] == "ready"
-        send(pool_w, {"type": "abort"})
-        out, _ = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == 1
-        assert "done" not in out
+        send(pool_w, {"type": "bogus"})
+        assert "bogus" in recv(pool_r)["message"]       # the SDK tells the pool why
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode != 0
+        assert "done" not in out and "bogus" in err
 
 
 def test_failing_hook_reports_error():

@@ -4,9 +4,9 @@ import msgpack
 import pytest
 
 from pool import errors
-from pool.wire import protocol as P
 from pool.config import Limits
 from pool.errors import AuthError, BadRequest, ProtocolError
+from pool.wire import protocol as P
 
 
 # --- framing ----------------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pool.copies import restore_chain
-from pool.copies import fork
+from pool.copies import fork, restore_chain
 from pool.copies.fork import restore_lazy
-from pool.copies.restore_chain import LAZY, EAGER, RestoreJob
+from pool.copies.restore_chain import EAGER, LAZY, RestoreJob
 from pool.errors import CriuFailed, RestoreError
 from pool.templates.store import Template, seal
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import pool
 from pool import errors
-from pool.wire import protocol as P
 from pool.errors import InternalError, NoReply, PoolTimeout
+from pool.wire import protocol as P
 from pool.wire.rpc import RpcClient, RpcServer, SyncRpcClient
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.errors import Incompatible, NoCapacity, NodeUnavailable
 from pool.cluster.scheduler import Choice, NodeView, choose_node
+from pool.errors import Incompatible, NoCapacity, NodeUnavailable
 
 T = "py-hello"
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pool.errors import SpecError
 from pool.cluster.config import load_config, read_token
+from pool.errors import SpecError
 
 
 def write(tmp_path: Path, text: str) -> Path:

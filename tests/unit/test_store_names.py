@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from pool import names
-from pool.templates import store
 from pool.errors import TemplateNotFound
 from pool.names import NAME_RE
+from pool.templates import store
 
 LONGEST = "a" * 63
 

@@ -4,8 +4,8 @@ import asyncio
 import signal
 
 import pytest
-
 from nodefakes import Clock, FakeInstance, FakeMetrics, Timers
+
 from pool.errors import InstanceNotFound
 from pool.node.supervisor import Supervisor
 from pool.node.table import Copy, CopyState, CopyStateError, CopyTable

@@ -12,13 +12,12 @@ import zlib
 import pytest
 import zstandard
 
-from pool.wire import protocol
-
+from pool.errors import AuthError, Incompatible, TemplateCorrupt, TemplateNotFound, TransferError
 from pool.templates import transfer
 from pool.templates.compat import NodeFacts
-from pool.errors import AuthError, Incompatible, TemplateCorrupt, TemplateNotFound, TransferError
 from pool.templates.manifest import Manifest
 from pool.templates.store import MANIFEST, Store, new_build_id
+from pool.wire import protocol
 
 FACTS = NodeFacts(arch="x86_64", kernel="6.18.44", criu_version="4.2.1")
 

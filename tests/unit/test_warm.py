@@ -5,9 +5,8 @@ import errno
 
 import pytest
 
-from pool.errors import (BadRequest, CriuFailed, CriuTimeout, CriuUnavailable, NoCapacity,
-                         NodeUnavailable, NoReply, PoolTimeout, Quarantined, RestoreError,
-                         ShuttingDown, TemplateNotFound)
+from pool.errors import (BadRequest, CriuFailed, CriuTimeout, CriuUnavailable, NoCapacity, NodeUnavailable,
+                         NoReply, PoolTimeout, Quarantined, RestoreError, ShuttingDown, TemplateNotFound)
 from pool.node.faults import counts_against_template, handover_counts_against_template
 from pool.node.warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
 
