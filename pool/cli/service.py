@@ -6,8 +6,6 @@ Client commands find the service at --socket, else $POOL_SOCKET, else /run/pool/
 The client and the service are imported inside the commands: `pool` imports every command module at
 start, and pool.client alone adds ~50 ms (asyncio, msgpack) to commands that never use it.
 """
-# Each command imports what it needs when it runs (the function-local imports below): loading the
-# whole service side at start-up costs ~0.8 s that every `pool ls` or `pool --help` would pay.
 from __future__ import annotations
 
 import argparse
