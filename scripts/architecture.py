@@ -8,7 +8,8 @@ What it generates, between `<!-- generated: NAME -->` and `<!-- end: NAME -->` m
 - `layers`: a picture (Mermaid) of the packages, in the order of the import-linter layers contract in
   pyproject.toml, with an arrow for every package that imports another;
 - `modules`: every module of pool/, by package, with the first line of its docstring;
-- `overview`: the layers as a short text picture (the README's).
+- `overview`: the layers as a short text picture (the README's);
+- `errors`: the error taxonomy table, from pool/errors.py's docstring.
 Only the standard library is used, so it runs before `make setup`.
 """
 from __future__ import annotations
@@ -148,6 +149,12 @@ def modules_block() -> str:
     return "\n".join(out).rstrip()
 
 
+def errors_block() -> str:
+    """The taxonomy table of pool/errors.py's docstring (its one source)."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / "errors.py").read_text())) or ""
+    return "\n".join(line for line in doc.splitlines() if line.startswith("|"))
+
+
 def render(text: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
         pat = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", re.S)
@@ -156,7 +163,8 @@ def render(text: str, blocks: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    blocks = {"layers": layers_block(), "modules": modules_block(), "overview": overview_block()}
+    blocks = {"layers": layers_block(), "modules": modules_block(), "overview": overview_block(),
+              "errors": errors_block()}
     stale = []
     for target in TARGETS:
         old = target.read_text()
