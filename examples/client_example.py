@@ -17,7 +17,7 @@ def get(inst) -> dict:
 
 def module_level() -> None:
     inst = pool.spawn("py-hello", env={"GREETING": "hi"}, args=["--one"])
-    print(f"{inst.id} via {inst.path} in {inst.spawn_ms:.2f} ms at {inst.address}: {get(inst)}")
+    print(f"{inst.id} via {inst.served_by} in {inst.spawn_ms:.2f} ms at {inst.address}: {get(inst)}")
     inst.kill()
 
 
@@ -36,7 +36,7 @@ def sync_client() -> None:
 async def async_client() -> None:
     async with await pool.AsyncClient.connect() as c:
         insts = await asyncio.gather(*(c.spawn("py-hello") for _ in range(4)))
-        print([(i.id, i.path) for i in insts])
+        print([(i.id, i.served_by) for i in insts])
         await asyncio.gather(*(i.kill() for i in insts))
 
 
