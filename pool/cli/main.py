@@ -15,6 +15,7 @@ from pathlib import Path
 import argcomplete
 
 from pool import config
+from pool.cli import tables
 from pool.errors import PoolError
 
 EXIT_ERROR = 1
@@ -87,10 +88,9 @@ def cmd_templates(args) -> int:
     if not rows:
         print(f"no templates in {_store(args).root} (build one: pool build templates/py-hello)")
         return 0
-    print(f"{'NAME':<20} {'IMAGE MB':>9} {'READY S':>8} {'SDK':<4} {'BUILT':<21} BUILD")
-    for r in rows:
-        print(f"{r['name']:<20} {r['image_mb']:>9} {r['ready_s']:>8} {'yes' if r['sdk'] else 'no':<4} "
-              f"{r['built_at']:<21} {r['build_id']}")
+    print(tables.render(["NAME", "IMAGE MB", "READY S", "SDK", "BUILT", "BUILD"],
+                        [[r["name"], r["image_mb"], r["ready_s"], "yes" if r["sdk"] else "no",
+                          r["built_at"], r["build_id"]] for r in rows], right={1, 2}))
     return 0
 
 

@@ -70,3 +70,14 @@ def test_a_store_the_user_may_not_read_is_one_clear_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr == (f"pool templates: permission denied: {store}: the store and the copies' "
                         "files are root's only; run pool as root\n")
+
+
+def test_tables_are_as_wide_as_their_data():
+    from pool.cli import tables
+
+    long = "t" * 63
+    out = tables.render(["NAME", "N", "NOTE"], [[long, 7, "a"], ["x", 12345, None]], right={1})
+    lines = out.splitlines()
+    assert lines[0] == "NAME" + " " * 59 + "      N  NOTE"
+    assert lines[1] == long + "      7  a"
+    assert lines[2] == "x" + " " * 62 + "  12345  -"
