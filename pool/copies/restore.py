@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -176,11 +177,21 @@ def _record(inst: RestoredCopy, identity: Identity) -> None:
 async def hand_over_async(inst: RestoredCopy, identity: Identity, timeout: float | None = None) -> None:
     """hand_over() for asyncio callers (the service's warm path): the identity is written and the
     ack awaited with loop.add_writer/add_reader, so neither a large identity nor a slow copy blocks
-    the loop, and no thread hop. On failure it raises RestoreError and leaves the copy to the
-    caller, who must kill and close it (it may be watching its pidfd)."""
+    the loop, and no thread hop. On failure the copy is killed, as by hand_over(), but only
+    signalled (SIGKILL): the caller, who may be watching its pidfd, reaps and closes it."""
+    identity, timeout = _resolve(inst, identity, timeout)
+    try:
+        await _hand_over_async(inst, identity, timeout)
+    except BaseException:
+        with contextlib.suppress(OSError):  # already gone
+            inst.signal(signal.SIGKILL)
+        raise
+    _record(inst, identity)
+
+
+async def _hand_over_async(inst: RestoredCopy, identity: Identity, timeout: float) -> None:
     import asyncio  # noqa: PLC0415  (only async callers pay for it)
 
-    identity, timeout = _resolve(inst, identity, timeout)
     try:
         _set_hostname(inst, identity)  # one short thread
         if inst.sdk:
@@ -195,7 +206,6 @@ async def hand_over_async(inst: RestoredCopy, identity: Identity, timeout: float
             _accept_ack(inst, identity, reply)
     except OSError as e:
         raise RestoreError(HANDOVER, str(e)) from e
-    _record(inst, identity)
 
 
 def _tail_after_exit(inst: RestoredCopy) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pool.copies.portproxy import PortProxy
-from pool.copies.restore import Identity, Restorer
+from pool.copies.restore import Identity, Restorer, hand_over_async
 from pool.errors import Incompatible, RestoreError, TemplateCorrupt
 from pool.templates.build import build
 from pool.templates.spec import load_spec
@@ -218,3 +218,27 @@ def test_failing_copy_is_reported_and_leaves_nothing(tmp_path, store, criu, app,
         assert output in info.value.output_tail
     assert list((tmp_path / "run" / "instances").iterdir()) == []
     store.get("failing").verify(full=True)  # the template is untouched
+
+
+@pytest.mark.parametrize("app,needle", [
+    (NEVER_ACKS, "did not ack its identity within 1s"),
+    (HOOK_FAILS, "ValueError: no database for bad-2"),
+])
+def test_async_hand_over_kills_the_copy_too(tmp_path, store, criu, app, needle):
+    """The sync and async hand-over agree: a copy whose hand-over fails is killed. The async one
+    only signals it (its caller watches the pidfd), so the caller reaps and closes it."""
+    d = tmp_path / "failing"
+    d.mkdir()
+    (d / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
+    (d / "app.py").write_text(app)
+    build(load_spec(d), store, criu)
+    r = Restorer(store, criu, tmp_path / "run")
+    inst = r.restore("failing", "bad-2")
+    try:
+        with pytest.raises(RestoreError) as info:
+            asyncio.run(hand_over_async(inst, Identity("bad-2"), timeout=1.0))
+        assert needle in info.value.message
+        assert inst.wait(10) is not None          # killed, not left running for the caller
+    finally:
+        inst.kill(grace=0)
+        inst.close()
