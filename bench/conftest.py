@@ -31,9 +31,9 @@ def git_state() -> dict:
     """The commit checked out and the uncommitted changes (untracked files count: they can be code)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    changes = git("status", "--porcelain").splitlines()
-    return {"commit": git("rev-parse", "HEAD"), "clean": not changes, "changes": changes[:30]}
+                              check=True, timeout=30).stdout
+    changes = git("status", "--porcelain").splitlines()  # "XY path": X may be a space: no strip
+    return {"commit": git("rev-parse", "HEAD").strip(), "clean": not changes, "changes": changes[:30]}
 
 
 AT_START = git_state()  # conftest is imported before the first benchmark runs
