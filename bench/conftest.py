@@ -21,6 +21,7 @@ from pool.templates.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+RESULTS = "bench/results/"
 
 
 def rounds(full: int) -> int:
@@ -32,7 +33,10 @@ def git_state() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout
-    changes = git("status", "--porcelain").splitlines()  # "XY path": X may be a space: no strip
+    # "XY path": X may be a space, so no strip. bench/results/ holds the outputs (earlier runs'
+    # results not yet committed), not code: changes there do not make the tree dirty.
+    changes = [line for line in git("status", "--porcelain").splitlines()
+               if not line[3:].startswith(RESULTS)]
     return {"commit": git("rev-parse", "HEAD").strip(), "clean": not changes, "changes": changes[:30]}
 
 
