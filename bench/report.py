@@ -8,7 +8,7 @@ Refuses results recorded on a dirty tree (machine_info.git, written by bench/con
 Sections: time to first correct answer per mode (kind "first-answer": median, quartiles, min-max, and
 x vs cold = cold median / this median, both to the same end point in the same interleaved run), the
 client round trip (kind "client-round-trip"), the soak, the heavy templates' image sizes, memory per
-copy, throughput and page-cache effect, and a plain table for every other benchmark. With first-answer
+copy, throughput and page-cache effect, and a plain table for every other benchmark. With heavy-template
 results also NAME-summary.json and PNG charts NAME-latency.png, NAME-memory.png, NAME-throughput.png
 (matplotlib; skipped with a note when it is not installed).
 """
@@ -196,7 +196,8 @@ def heavy_summary(data: dict, fa: dict) -> dict:
     "memory": {n: {...}}, "throughput": {c: copies/s}, "page_cache": {...}}}."""
     out: dict = defaultdict(lambda: {"latency": {}, "memory": {}, "throughput": {}})
     for name, t in fa.items():
-        out[name].update(t)
+        if t["heavy"]:
+            out[name].update(t)
     for b in data.get("benchmarks", []):
         x = b.get("extra_info", {})
         if not x.get("heavy") or x.get("kind") == "first-answer":
@@ -265,7 +266,7 @@ def heavy_charts(summary: dict, stem: Path) -> list[Path]:
     written = []
 
     # latency: median bars per template and mode, whiskers p25 to p75, log scale
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     width = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
         xs, med, down, up = [], [], [], []
@@ -282,15 +283,13 @@ def heavy_charts(summary: dict, stem: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("time to first correct answer, ms (median, whiskers p25-p75)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # below the plot: the tall cold bars leave no room inside
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     written.append(stem.with_name(stem.name + "-latency.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
-    if not any(t["memory"] or t["throughput"] for t in summary.values()):
-        return written  # first-answer results only (py-hello)
 
     # memory: PSS per copy by copies alive
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -356,8 +355,7 @@ def main(argv: list[str]) -> int:
         stem = src.with_suffix("")
         stem.with_name(stem.name + "-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         charts = heavy_charts(summary, stem)
-        if any(_heavy(b) for b in data.get("benchmarks", [])):
-            text += "\n" + heavy_markdown(summary)
+        text += "\n" + heavy_markdown(summary)
         text += "".join(f"\n![{p.stem}]({p.name})\n" for p in charts)
     other = table(data)
     if other:
