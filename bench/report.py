@@ -1,26 +1,58 @@
 """Turn a pytest-benchmark JSON file into a Markdown report: bench/results/NAME.md next to NAME.json.
 
-    python bench/report.py bench/results/latest.json
+    python bench/report.py bench/results/latest.json [--allow-dirty]
 
-Every benchmark gets a row in the spawn-latency table. The heavy-template benchmarks
-(bench/test_heavy_bench.py, extra_info.heavy) get their own sections instead: time to first answer per
-mode with ratios against the cold start of the same run, image sizes, memory per copy, throughput and
-the page-cache effect; also NAME-summary.json and PNG charts NAME-latency.png, NAME-memory.png and
-NAME-throughput.png (matplotlib; skipped with a note when it is not installed).
+Refuses results recorded on a dirty tree (machine_info.git, written by bench/conftest.py) unless
+--allow-dirty is given, which stamps the report "from a dirty tree".
+
+Sections: time to first correct answer per mode (kind "first-answer": median, quartiles, min-max, and
+x vs cold = cold median / this median, both to the same end point in the same interleaved run), the
+client round trip (kind "client-round-trip"), the soak, the heavy templates' image sizes, memory per
+copy, throughput and page-cache effect, and a plain table for every other benchmark. With heavy-template
+results also NAME-summary.json and PNG charts NAME-latency.png, NAME-memory.png, NAME-throughput.png
+(matplotlib; skipped with a note when it is not installed).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: interleave.py is beside it
+from interleave import ANSWER, nearest_rank, spread  # noqa: E402
 
 MODES = ("cold", "criu-cli", "spawn-miss", "spawn-warm", "peer", "lazy")
 MODE_LABEL = {"cold": "cold start", "criu-cli": "criu restore (CLI)", "spawn-miss": "spawn, restore on miss",
               "spawn-warm": "spawn, warm pool", "peer": "runtime's own aid",
               "lazy": "criu restore, lazy pages (not in the pool)"}
 TARGET = {"spawn-warm": 100, "spawn-miss": 10}  # the issue's goals: this many times faster than cold
+OWN_SECTIONS = ("first-answer", "client-round-trip")
 MB = 2 ** 20
+
+
+class DirtyTree(Exception):
+    pass
+
+
+def provenance(data: dict, allow_dirty: bool) -> str:
+    """The report's stamp: the commit, and whether the tree was clean. DirtyTree when it was not (or
+    nothing says) and allow_dirty is not set."""
+    git = data.get("machine_info", {}).get("git")
+    if not git:
+        if not allow_dirty:
+            raise DirtyTree("these results record no git commit (machine_info.git): rerun the benchmarks "
+                            "with bench/conftest.py, or pass --allow-dirty")
+        return "**From an unknown tree** (no commit recorded): not for the README."
+    if git["clean"]:
+        return f"Commit `{git['commit']}`, clean tree."
+    if not allow_dirty:
+        changes = "\n  ".join(git.get("changes") or ["(the commit changed during the run)"])
+        raise DirtyTree(f"these results come from a dirty tree (commit {git['commit']} plus uncommitted "
+                        f"changes):\n  {changes}\ncommit, rerun, or pass --allow-dirty")
+    return (f"**From a dirty tree** (commit `{git['commit']}` plus uncommitted changes): "
+            "not for the README.")
 
 
 def _heavy(b: dict) -> bool:
@@ -29,6 +61,10 @@ def _heavy(b: dict) -> bool:
 
 def _soak(b: dict) -> bool:
     return "growth" in b.get("extra_info", {})
+
+
+def _kind(b: dict) -> str | None:
+    return b.get("extra_info", {}).get("kind")
 
 
 def soak_markdown(data: dict) -> str:
@@ -50,40 +86,125 @@ def soak_markdown(data: dict) -> str:
     return "## Soak: spawn + kill cycles through the service\n\n" + "\n".join(rows) + "\n"
 
 
+def head(data: dict, stamp: str) -> str:
+    m = data.get("machine_info", {})
+    return (f"# Benchmarks\n\n{data.get('datetime', '')}, {m.get('node', '')}, "
+            f"{m.get('cpu', {}).get('brand_raw', '')}, Python {m.get('python_version', '')}\n\n{stamp}\n")
+
+
 def table(data: dict) -> str:
-    rows = ["| benchmark | path | rounds | min ms | p50 ms | mean ms | max ms | vs cold (p50) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    benches = [b for b in data.get("benchmarks", []) if not _heavy(b) and not _soak(b)]
-    cold = next((b["stats"]["median"] for b in benches
-                 if b.get("extra_info", {}).get("path") == "cold"), None)
+    """Every benchmark without a section of its own: pytest-benchmark's timing of its target."""
+    benches = [b for b in data.get("benchmarks", [])
+               if not _heavy(b) and not _soak(b) and _kind(b) not in OWN_SECTIONS]
+    if not benches:
+        return ""
+    rows = ["## Other benchmarks\n", "| benchmark | rounds | min ms | median ms | mean ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|"]
     for b in benches:
         s = b["stats"]
-        path = b.get("extra_info", {}).get("path", "")
-        x = f"{cold / s['median']:.1f}x" if cold and s["median"] else "-"
-        rows.append(f"| {b['name']} | {path} | {s['rounds']} | {s['min'] * 1e3:.3f} | "
-                    f"{s['median'] * 1e3:.3f} | {s['mean'] * 1e3:.3f} | {s['max'] * 1e3:.3f} | {x} |")
-    m = data.get("machine_info", {})
-    title = "Spawn latency" if benches else "Benchmarks"
-    head = (f"# {title}\n\n{data.get('datetime', '')}, {m.get('node', '')}, "
-            f"{m.get('cpu', {}).get('brand_raw', '')}, Python {m.get('python_version', '')}\n\n")
-    return head + ("\n".join(rows) + "\n" if benches else "")
+        rows.append(f"| {b['name']} | {s['rounds']} | {s['min'] * 1e3:.3f} | {s['median'] * 1e3:.3f} | "
+                    f"{s['mean'] * 1e3:.3f} | {s['max'] * 1e3:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+# --- time to first correct answer ------------------------------------------------------------------
+def first_answer_summary(data: dict) -> dict:
+    """{template: {mode: {"answer_s": spread, other measures: spread, "x_vs_cold": ..., peer info}}}.
+    x_vs_cold divides the cold median by this mode's median, both of answer_s from the same run."""
+    out: dict = {}
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        if x.get("kind") != "first-answer":
+            continue
+        modes = {}
+        for mode, measures in x["modes"].items():
+            modes[mode] = {key: spread(vals) for key, vals in measures.items() if vals}
+        cold = modes.get("cold", {}).get(ANSWER, {}).get("median")
+        for mode, m in modes.items():
+            med = m[ANSWER]["median"]
+            m["x_vs_cold"] = round(cold / med, 1) if cold and med and mode != "cold" else None
+            if x.get("heavy") and mode in TARGET and m["x_vs_cold"] is not None:  # goals: heavy apps
+                m["target_x"], m["target_met"] = TARGET[mode], m["x_vs_cold"] >= TARGET[mode]
+        if "peer" in modes:
+            modes["peer"].update({k: x[k] for k in ("peer", "archive_bytes", "peer_first_start_s",
+                                                     "torch_threads") if k in x})
+        out[x["template"]] = {"latency": modes, "heavy": bool(x.get("heavy")), "cycles": x["cycles"],
+                              "warmup_cycles": x["warmup_cycles"], "order": x["order"]}
+    return out
+
+
+def first_answer_markdown(fa: dict) -> str:
+    lines = ["## Time to first correct answer", "",
+             ("Every mode measured to the same end point (the first correct answer from the app), "
+              "interleaved round-robin in one run: n kept cycles after the discarded warm-up cycles. "
+              "x vs cold = cold median / this median. The spawn call alone (client) and the service's "
+              "own spawn_ms are the same spawns' share of it."), "",
+             "| template | path | n | median ms | p25-p75 ms | min-max ms | x vs cold | goal | "
+             "spawn call median ms | service spawn_ms median |",
+             "|---|---|---:|---:|---|---|---:|---|---:|---:|"]
+    for name, t in fa.items():
+        for mode in MODES:
+            m = t["latency"].get(mode)
+            if not m:
+                continue
+            a = m[ANSWER]
+            goal = (f">= {m['target_x']}x: {'met' if m['target_met'] else 'missed'}"
+                    if "target_x" in m else "")
+            label = MODE_LABEL[mode] + (f" ({m['peer']})" if m.get("peer") else "")
+            call = _ms(m["spawn_call_s"]["median"]) if "spawn_call_s" in m else ""
+            svc = f"{m['service_spawn_ms']['median']:.2f}" if "service_spawn_ms" in m else ""
+            x = "" if m["x_vs_cold"] is None else f"{m['x_vs_cold']}x"
+            lines.append(f"| {name} | {label} | {a['n']} | {_ms(a['median'])} | {_ms(a['p25'])}-"
+                         f"{_ms(a['p75'])} | {_ms(a['min'])}-{_ms(a['max'])} | {x} | {goal} | {call} | {svc} |")
+    peers = [(n, t["latency"]["peer"]) for n, t in fa.items() if "peer" in t["latency"]]
+    notes = [f"- {n}: {p.get('peer', '')}" + (f", archive {p['archive_bytes'] / MB:.1f} MB"
+                                              if "archive_bytes" in p else "")
+             + (f", torch threads {p['torch_threads']} (as the copies)" if "torch_threads" in p else "")
+             + (f", its own first start {p['peer_first_start_s']} s (not in the samples)"
+                if "peer_first_start_s" in p else "") for n, p in peers]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def client_round_trip_markdown(data: dict) -> str:
+    rows = []
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        if x.get("kind") != "client-round-trip":
+            continue
+        call = [v * 1e3 for v in x["spawn_call_s"]]
+        svc = x["service_spawn_ms"]
+        outside = [c - s for c, s in zip(call, svc)]
+        ping = [v * 1e3 for v in x["ping_s"]]
+        for what, vals in (("warm spawn at the client (request written to reply parsed)", call),
+                           ("the same spawns, service's own spawn_ms", svc),
+                           ("the difference: socket, framing, JSON, client", outside),
+                           ("bare ping round trip", ping)):
+            s = spread(vals)
+            rows.append(f"| {x['template']} | {what} | {s['n']} | {s['median']:.2f} | "
+                        f"{nearest_rank(vals, 99):.2f} | {s['min']:.2f}-{s['max']:.2f} |")
+    if not rows:
+        return ""
+    return ("## Client round trip (pool.Client over the unix socket)\n\n"
+            "Each spawn from two idle warm copies, nothing restoring; p99 nearest rank.\n\n"
+            "| template | what | n | median ms | p99 ms | min-max ms |\n|---|---|---:|---:|---:|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 # --- heavy templates ---------------------------------------------------------------------------------
-def heavy_summary(data: dict) -> dict:
-    """{template: {"latency": {mode: {...}}, "image": {...}, "memory": {n: {...}},
-    "throughput": {c: copies/s}, "page_cache": {...}}} from the heavy benchmarks' extra_info."""
+def heavy_summary(data: dict, fa: dict) -> dict:
+    """{template: {"latency": {mode: {...}} (from first_answer_summary), "image": {...},
+    "memory": {n: {...}}, "throughput": {c: copies/s}, "page_cache": {...}}}."""
     out: dict = defaultdict(lambda: {"latency": {}, "memory": {}, "throughput": {}})
+    for name, t in fa.items():
+        if t["heavy"]:
+            out[name].update(t)
     for b in data.get("benchmarks", []):
         x = b.get("extra_info", {})
-        if not x.get("heavy"):
+        if not x.get("heavy") or x.get("kind") == "first-answer":
             continue
         t = out[x["template"]]
         kind = x["kind"]
-        if kind == "latency":
-            t["latency"][x["mode"]] = {k: v for k, v in x.items()
-                                       if k not in ("heavy", "template", "kind", "mode")}
-        elif kind == "image":
+        if kind == "image":
             t["image"] = {k: x[k] for k in x if k not in ("heavy", "template", "kind")}
         elif kind == "memory":
             t["memory"][str(x["copies"])] = {k: x[k] for k in ("rss_per_copy_bytes",
@@ -92,14 +213,6 @@ def heavy_summary(data: dict) -> dict:
             t["throughput"][str(x["concurrency"])] = x["copies_per_second"]
         elif kind == "page-cache":
             t["page_cache"] = {k: x[k] for k in x if k not in ("heavy", "template", "kind")}
-    for t in out.values():
-        cold = t["latency"].get("cold", {}).get("p50_s")
-        for mode, lat in t["latency"].items():
-            lat["n"] = len(lat.get("samples_s", []))
-            lat["x_vs_cold_p50"] = round(cold / lat["p50_s"], 1) if cold and lat.get("p50_s") else None
-            if mode in TARGET and lat["x_vs_cold_p50"] is not None:
-                lat["target_x"] = TARGET[mode]
-                lat["target_met"] = lat["x_vs_cold_p50"] >= TARGET[mode]
     return {k: out[k] for k in sorted(out)}
 
 
@@ -108,25 +221,7 @@ def _ms(s: float | None) -> str:
 
 
 def heavy_markdown(summary: dict) -> str:
-    lines = ["## Heavy templates: time to first correct answer", "",
-             ("p50 and p99 (nearest rank) of n rounds after one discarded warm-up round; "
-              "x = cold p50 / this p50, cold measured in the same run."), "",
-             "| template | path | n | p50 ms | p99 ms | x vs cold | goal | service's own spawn p50 ms |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
-    for name, t in summary.items():
-        for mode in MODES:
-            lat = t["latency"].get(mode)
-            if not lat:
-                continue
-            goal = ""
-            if "target_x" in lat:
-                goal = f">= {lat['target_x']}x: {'met' if lat['target_met'] else 'missed'}"
-            label = MODE_LABEL[mode] + (f" ({lat['peer']})" if mode == "peer" and lat.get("peer") else "")
-            x = lat["x_vs_cold_p50"]
-            lines.append(f"| {name} | {label} | {lat['n']} | {_ms(lat['p50_s'])} | "
-                         f"{_ms(lat['p99_s'])} | {'-' if mode == 'cold' or x is None else f'{x}x'} | {goal} | "
-                         f"{lat.get('service_spawn_p50_ms', '')} |")
-    lines += ["", "## Heavy templates: image, memory, throughput, page cache", "",
+    lines = ["## Heavy templates: image, memory, throughput, page cache", "",
               "| template | image MB | compressed MB | method | dump s | boot to ready at build s |",
               "|---|---:|---:|---|---:|---:|"]
     for name, t in summary.items():
@@ -170,23 +265,26 @@ def heavy_charts(summary: dict, stem: Path) -> list[Path]:
     names = list(summary)
     written = []
 
-    # latency: p50 bars per template and mode, p99 as a whisker, log scale
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # latency: median bars per template and mode, whiskers p25 to p75, log scale
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     width = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
-        xs, p50, up = [], [], []
+        xs, med, down, up = [], [], [], []
         for j, name in enumerate(names):
             lat = summary[name]["latency"].get(mode)
             if lat:
+                a = lat[ANSWER]
                 xs.append(j + (i - (len(MODES) - 1) / 2) * width)
-                p50.append(lat["p50_s"] * 1e3)
-                up.append(max(0.0, lat["p99_s"] - lat["p50_s"]) * 1e3)
-        ax.bar(xs, p50, width, yerr=[[0] * len(up), up], capsize=2, label=MODE_LABEL[mode])
+                med.append(a["median"] * 1e3)
+                down.append((a["median"] - a["p25"]) * 1e3)
+                up.append((a["p75"] - a["median"]) * 1e3)
+        if xs:
+            ax.bar(xs, med, width, yerr=[down, up], capsize=2, label=MODE_LABEL[mode])
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("time to first correct answer, ms (p50, whisker to p99)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    ax.set_ylabel("time to first correct answer, ms (median, whiskers p25-p75)")
+    if ax.get_legend_handles_labels()[0]:  # below the plot: the tall cold bars leave no room inside
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     written.append(stem.with_name(stem.name + "-latency.png"))
@@ -230,22 +328,38 @@ def heavy_charts(summary: dict, stem: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: report.py RESULTS.json", file=sys.stderr)
-        return 2
-    src = Path(argv[1])
+    parser = argparse.ArgumentParser(description="pytest-benchmark JSON -> Markdown report")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="report results from a dirty tree anyway, stamped as such")
+    args = parser.parse_args(argv[1:])
+    src = args.results
     data = json.loads(src.read_text())
+    try:
+        stamp = provenance(data, args.allow_dirty)
+    except DirtyTree as e:
+        print(f"report.py: refused: {e}", file=sys.stderr)
+        return 3
     out = src.with_suffix(".md")
-    text = table(data)
+    fa = first_answer_summary(data)
+    text = head(data, stamp)
+    if fa:
+        text += "\n" + first_answer_markdown(fa)
+    rtt = client_round_trip_markdown(data)
+    if rtt:
+        text += "\n" + rtt
     if any(_soak(b) for b in data.get("benchmarks", [])):
         text += "\n" + soak_markdown(data)
-    summary = heavy_summary(data)
+    summary = heavy_summary(data, fa)
     if summary:
         stem = src.with_suffix("")
         stem.with_name(stem.name + "-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         charts = heavy_charts(summary, stem)
         text += "\n" + heavy_markdown(summary)
         text += "".join(f"\n![{p.stem}]({p.name})\n" for p in charts)
+    other = table(data)
+    if other:
+        text += "\n" + other
     out.write_text(text)
     print(out.read_text())
     return 0

@@ -1,25 +1,36 @@
-"""Spawn latency of py-hello through the real client over the unix socket, three ways:
+"""py-hello, the small template: time to the first correct answer (GET / names the instance) five
+ways, interleaved round-robin in one run (bench/interleave.py, bench/firstanswer.py):
 
-    warm     served from the warm pool (a copy restored ahead of time gets its identity)
-    restore  a miss (min_warm 0): the service restores a copy with CRIU, then hands it over
-    cold     no pool at all: boot the app from scratch until its first HTTP answer
+    cold        boot the app from scratch in the pool's sandbox, no CRIU
+    criu-cli    plain `criu restore` of the template's image, identity sent by hand
+    spawn-miss  pool.Client.spawn with min_warm 0: the service restores a copy (path "restore")
+    spawn-warm  pool.Client.spawn from the warm pool (path "warm")
+    lazy        criu-cli with post-copy memory (not what the pool does)
 
-    make bench                                  # full rounds, JSON + bench/results/latest.md
-    BENCH_QUICK=1 pytest bench/test_spawn_bench.py  # 2 rounds each: just check that it runs
+The spawn modes also record the spawn call alone at the client and the service's own spawn_ms.
+test_client_round_trip: warm spawns measured at the client over the unix socket next to the service's
+spawn_ms, and a bare `ping` round trip, >= 200 each in a full run.
 
-No timed asserts: the numbers are for the report. Copies are killed outside the timed part, and a warm
-round starts only once the pool is full and idle, so a round measures one path and nothing else.
+    make bench                                      # full counts, JSON + bench/results/latest.md
+    BENCH_QUICK=1 pytest bench/test_spawn_bench.py  # a couple of cycles: just check that it runs
+
+No timed asserts: the numbers are for the report; a wrong answer fails.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from conftest import ROOT, rounds
-from pool.cli.demo import LocalService, cold_start
-from pool.templates.spec import load_spec
+from conftest import QUICK
+from firstanswer import boot_cold, criu_cli_restore, lazy_restore, service_modes, spawn_to_answer
+from interleave import Mode, measure_interleaved
+from pool.cli.demo import LocalService
+from pool.cr.criu import become_subreaper
 
 NAME = "py-hello"
-ROUNDS = {"warm": rounds(50), "restore": rounds(10), "cold": rounds(5)}
+CYCLES, WARMUP = (2, 0) if QUICK else (30, 1)
+ROUND_TRIPS = 20 if QUICK else 300
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +38,7 @@ def service(template, bench_store, bench_dir):
     template(NAME)
     workdir = bench_dir / "svc"
     workdir.mkdir(exist_ok=True)
-    with LocalService(bench_store.root, workdir, f"[templates.{NAME}]\nmin_warm = 2\n") as svc:
+    with LocalService(bench_store.root, workdir, f"[templates.{NAME}]\nmin_warm = 0\n") as svc:
         yield svc
 
 
@@ -37,50 +48,59 @@ def client(service):
         yield c
 
 
-class Spawner:
-    """One spawn per round; the previous round's copy is killed in the (untimed) setup."""
-
-    def __init__(self, client, service, warm: int):
-        self.client, self.service, self.warm, self.last = client, service, warm, None
-
-    def setup(self):
-        self.cleanup()
-        self.service.wait_warm(NAME, self.warm)
-
-    def cleanup(self):
-        if self.last is not None:
-            self.last.kill(grace=0)
-            self.last = None
-
-    def spawn(self):
-        self.last = self.client.spawn(NAME)
-        return self.last
+def test_first_answer(benchmark, template, service, client, criu, bench_dir, lazy_pages_ok):
+    tpl = template(NAME)
+    become_subreaper()  # criu-cli and lazy reap their copies themselves
+    idle, one_warm = service_modes(service, client, NAME)
+    modes = [
+        Mode("cold", lambda: boot_cold(NAME), idle),
+        Mode("criu-cli", lambda: criu_cli_restore(criu, tpl, bench_dir / "criu-cli" / NAME), idle),
+        Mode("spawn-miss", lambda: spawn_to_answer(client, NAME, "restore"), idle),
+        Mode("spawn-warm", lambda: spawn_to_answer(client, NAME, "warm"), one_warm),
+        Mode("lazy", lambda: lazy_restore(criu, tpl, bench_dir / "lazy" / NAME), idle),
+    ]
+    try:
+        measure_interleaved(benchmark, NAME, modes, CYCLES, WARMUP)
+    finally:
+        idle()
 
 
-def test_spawn_warm(benchmark, client, service):
+def test_client_round_trip(benchmark, service, client):
+    """A warm spawn timed at the client (request written to reply parsed, over the unix socket) next
+    to the service's own spawn_ms for the same spawn, and a bare ping before each. Each round starts
+    with two idle warm copies and nothing restoring: the RPC alone, no refill competing."""
     client.set_warm(NAME, 2)
-    s = Spawner(client, service, warm=1)
-    benchmark.extra_info["path"] = "warm"
+    ping_s: list[float] = []
+    spawn_s: list[float] = []
+    service_ms: list[float] = []
+    last = []
+
+    def kill_last() -> None:
+        while last:
+            last.pop().kill(grace=0)
+
+    def setup() -> None:
+        kill_last()
+        service.wait_warm(NAME, 2, timeout=60)
+        t0 = time.perf_counter()
+        client.ping()
+        ping_s.append(time.perf_counter() - t0)
+
+    def spawn() -> None:
+        t0 = time.perf_counter()
+        inst = client.spawn(NAME)
+        spawn_s.append(time.perf_counter() - t0)
+        last.append(inst)
+        service_ms.append(inst.spawn_ms)
+        assert inst.path == "warm", inst.path
+
     try:
-        inst = benchmark.pedantic(s.spawn, setup=s.setup, rounds=ROUNDS["warm"], iterations=1)
-        assert inst.path == "warm"
+        benchmark.pedantic(spawn, setup=setup, rounds=ROUND_TRIPS, warmup_rounds=0 if QUICK else 5)
     finally:
-        s.cleanup()
-
-
-def test_spawn_restore_on_miss(benchmark, client, service):
-    client.set_warm(NAME, 0)
-    s = Spawner(client, service, warm=0)
-    benchmark.extra_info["path"] = "restore"
-    try:
-        inst = benchmark.pedantic(s.spawn, setup=s.setup, rounds=ROUNDS["restore"], iterations=1)
-        assert inst.path == "restore"
-    finally:
-        s.cleanup()
-        client.set_warm(NAME, 2)
-
-
-def test_cold_start(benchmark):
-    spec = load_spec(ROOT / "templates" / NAME)
-    benchmark.extra_info["path"] = "cold"
-    benchmark.pedantic(cold_start, args=(spec,), rounds=ROUNDS["cold"], iterations=1)
+        kill_last()
+        client.set_warm(NAME, 0)
+    keep = -ROUND_TRIPS  # the warm-up rounds are the first ones
+    benchmark.extra_info.update(kind="client-round-trip", template=NAME,
+                                spawn_call_s=[round(x, 6) for x in spawn_s[keep:]],
+                                service_spawn_ms=[round(x, 3) for x in service_ms[keep:]],
+                                ping_s=[round(x, 6) for x in ping_s[keep:]])

@@ -78,9 +78,6 @@ public class App {
                 + "listening on %d%n", BY_KEY.size(), (t1 - t0) / 1_000_000,
                 (t2 - t1) / 1_000_000, checksum, port);
 
-        if (args.length > 0 && args[0].equals("--exit-after-start")) {
-            System.exit(0);  // for the AppCDS archive run (-XX:ArchiveClassesAtExit)
-        }
         if (System.getenv("POOL_CONTROL_FDS") != null) {
             // Only before a real checkpoint (a cold start does not need it, and its GC pause would
             // land on the first request): drop the parse's garbage from the image.

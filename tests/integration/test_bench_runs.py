@@ -22,9 +22,14 @@ def run_quick(suite: str, out: Path, timeout: float = 600) -> dict[str, dict]:
     return {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
 
 
+def run_report(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(out), *flags],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
 def report(out: Path) -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(out)],
-                         capture_output=True, text=True, timeout=120, check=False)
+    """--allow-dirty: these runs happen on whatever tree is checked out, often mid-change."""
+    res = run_report(out, "--allow-dirty")
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -36,10 +41,41 @@ def test_restore_bench_runs(tmp_path):
 
 def test_spawn_bench_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    assert set(run_quick("test_spawn_bench.py", out)) == {
-        "test_spawn_warm", "test_spawn_restore_on_miss", "test_cold_start"}
+    data = run_quick("test_spawn_bench.py", out)
+    assert set(data) == {"test_first_answer", "test_client_round_trip"}
+    modes = data["test_first_answer"]["extra_info"]["modes"]
+    assert set(modes) == {"cold", "criu-cli", "spawn-miss", "spawn-warm", "lazy"}
+    assert all(len(m["answer_s"]) == 2 for m in modes.values())  # BENCH_QUICK: 2 cycles, each mode once
+    assert len(modes["spawn-warm"]["spawn_call_s"]) == len(modes["spawn-warm"]["service_spawn_ms"]) == 2
+    rtt = data["test_client_round_trip"]["extra_info"]
+    assert len(rtt["spawn_call_s"]) == len(rtt["service_spawn_ms"]) == len(rtt["ping_s"]) == 20
     report(out)
-    assert "| test_spawn_warm | warm | 2 |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| py-hello | spawn, warm pool | 2 |" in md and "| py-hello | bare ping round trip | 20 |" in md
+
+
+def test_report_refuses_a_dirty_tree(tmp_path):
+    """Figures from a dirty tree (or with no commit recorded) are refused unless --allow-dirty, which
+    stamps them; a clean one is reported with its commit. JSON made by hand: the tree this test runs
+    on may be clean or not."""
+    results = {"machine_info": {"git": {"commit": "c0ffee", "clean": False, "changes": [" M pool/x.py"]}},
+               "benchmarks": []}
+    out = tmp_path / "dirty.json"
+    out.write_text(json.dumps(results))
+    refused = run_report(out)
+    assert refused.returncode == 3 and "dirty tree" in refused.stderr and "pool/x.py" in refused.stderr
+    assert not out.with_suffix(".md").exists()
+    assert run_report(out, "--allow-dirty").returncode == 0
+    assert "**From a dirty tree** (commit `c0ffee`" in out.with_suffix(".md").read_text()
+
+    del results["machine_info"]["git"]
+    out.write_text(json.dumps(results))
+    assert run_report(out).returncode == 3
+
+    results["machine_info"]["git"] = {"commit": "c0ffee", "clean": True, "changes": []}
+    out.write_text(json.dumps(results))
+    assert run_report(out).returncode == 0
+    assert "Commit `c0ffee`, clean tree." in out.with_suffix(".md").read_text()
 
 
 def test_transfer_bench_runs(tmp_path):
