@@ -135,7 +135,7 @@ def _stdio_and_control(template, workdir: Path) -> tuple[dict[str, int], list[in
     fds = {s: os.open(workdir / f"{s}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
            for s in ("stdout", "stderr")}
     ours: list[int] = []
-    if "ctl_in" in template.manifest["pipes"]:
+    if template.manifest.sdk:
         fds["ctl_in"], ctl_w = os.pipe()     # we write the identity, the copy reads
         ctl_r, fds["ctl_out"] = os.pipe()    # the copy acks
         ours = [ctl_w, ctl_r]
@@ -144,7 +144,7 @@ def _stdio_and_control(template, workdir: Path) -> tuple[dict[str, int], list[in
 
 def _answer_from_restored(template, pid: int, ours: list[int], workdir: Path, t0: float,
                           cleanup: Callable[[], None]) -> Sample:
-    m = template.manifest
+    m = template.manifest.to_dict()
     try:
         if ours:
             sdk_handshake(*ours)
@@ -172,7 +172,7 @@ def _kill_restored(pid: int, ours: list[int], daemon=None) -> Callable[[], None]
 
 def criu_cli_restore(criu, template, workdir: Path) -> Sample:
     """`criu restore -d` by hand (the caller must be a child subreaper), then the identity frame."""
-    m = template.manifest
+    m = template.manifest.to_dict()
     workdir.mkdir(parents=True, exist_ok=True)
     pidfile = workdir / "pid"
     pidfile.unlink(missing_ok=True)          # must not exist, or the restore fails
@@ -201,7 +201,7 @@ def criu_cli_restore(criu, template, workdir: Path) -> Sample:
 def lazy_restore(criu, template, workdir: Path) -> Sample:
     """Post-copy: a `criu lazy-pages` daemon reads the image's pages and hands each to the copy on its
     first touch (userfaultfd); the restore itself maps no memory. Needs fs.pipe-max-size >= 4 MiB."""
-    m = template.manifest
+    m = template.manifest.to_dict()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     t0 = time.perf_counter()
