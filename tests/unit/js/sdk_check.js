@@ -1,5 +1,5 @@
 'use strict';
-// Test driver for the Node SDK (used by tests/unit/test_node_sdk.py).
+// Test driver for the Node SDK (used by tests/unit/test_node_sdk_unit.py).
 //
 //   echo        read frames from stdin, write each decoded value back re-encoded to stdout; a decode
 //               error goes to stderr with exit status 2
