@@ -385,8 +385,23 @@ class _AsyncTransport:
 
 
 # --- the clients ----------------------------------------------------------------------------------------
+class _OnTransport:
+    """What both clients are besides their methods: a transport, where it goes, whether it broke."""
+
+    _transport: Any
+
+    @property
+    def where(self) -> str:
+        return self._transport.endpoint.where
+
+    @property
+    def broken(self) -> bool:
+        """The connection is gone; a new client is needed (pool.spawn() makes one by itself)."""
+        return self._transport.broken
+
+
 @_client_methods(_blocking_method)
-class Client:
+class Client(_OnTransport):
     """Blocking client on one connection (unix socket by default; TCP with a token). Not thread-safe:
     use one per thread (pool.spawn() does). Its methods are METHODS'."""
 
@@ -404,15 +419,6 @@ class Client:
         client._transport = transport
         return client
 
-    @property
-    def where(self) -> str:
-        return self._transport.endpoint.where
-
-    @property
-    def broken(self) -> bool:
-        """The connection is gone; a new Client is needed (pool.spawn() makes one by itself)."""
-        return self._transport.broken
-
     def call(self, method: str, params: dict[str, Any] | None = None,
              timeout: float | None = DEFAULT_CALL_TIMEOUT) -> Any:
         """One request by name (for methods this client has no method for)."""
@@ -429,7 +435,7 @@ class Client:
 
 
 @_client_methods(_async_method)
-class AsyncClient:
+class AsyncClient(_OnTransport):
     """asyncio client: `async with await AsyncClient.connect() as c: inst = await c.spawn(...)`.
     Concurrent calls on one client are fine (pipelined on one connection). Its methods are METHODS',
     as coroutines."""
@@ -449,14 +455,6 @@ class AsyncClient:
         """A client on a transport of your own (anything with async call(method, params, timeout)
         and close(), e.g. a fake in tests)."""
         return cls(transport)
-
-    @property
-    def where(self) -> str:
-        return self._transport.endpoint.where
-
-    @property
-    def broken(self) -> bool:
-        return self._transport.broken
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = DEFAULT_CALL_TIMEOUT) -> Any:

@@ -11,9 +11,7 @@ Phases as in the service: start, serve (until SIGTERM/SIGINT), drain, stop.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from pool.cluster.config import ServiceConfig, read_token
 from pool.cluster.metrics import Metrics, MetricsServer
+from pool.cluster.shutdown import ShutdownSignals
 from pool.errors import BadRequest
 from pool.fds import raise_nofile_limit
 from pool.node.ops import NodeOps
@@ -44,14 +43,10 @@ class Agent:
         self.address: tuple[str, int] | None = None
         self._rpc = None
         self.metrics_server: MetricsServer | None = None
-        self._stop = asyncio.Event()
-        self._force = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.signals = ShutdownSignals(on_force=self._end_live_now)
 
     async def start(self) -> None:
-        self._loop = loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.signals.install()
         host = self.listen[0]
         metrics = Metrics(CollectorRegistry())
         self.runtime = NodeRuntime(self.cfg.node_settings(), metrics, name=self.name, publish_host=host)
@@ -69,12 +64,8 @@ class Agent:
         log.info("agent %s listening on %s:%d; store %s%s", self.name, *self.address, self.cfg.store,
                  f"; metrics on {self.metrics_server.address}" if self.metrics_server else "")
 
-    def _on_signal(self, sig: int) -> None:
-        if not self._stop.is_set():
-            log.info("%s: draining (again to force)", signal.Signals(sig).name)
-            self._stop.set()
-        else:
-            self._force.set()
+    def _end_live_now(self) -> None:
+        if self.runtime is not None:
             self.runtime.end_live(force=True)
 
     async def handle(self, method: str, params: dict, ctx) -> Any:
@@ -94,17 +85,15 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
-        if self._loop is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.remove_signal_handler(sig)
+        self.signals.remove()
         log.info("agent stopped")
 
     async def run(self) -> int:
         await self.start()
         try:
-            await self._stop.wait()
+            await self.signals.stop.wait()
             self._rpc.stop_accepting()
-            await self.runtime.drain(self._force)
+            await self.runtime.drain(self.signals.force)
         finally:
             await self.stop()
         return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from pool.cluster.config import ServiceConfig, read_token
 from pool.cluster.metrics import Metrics, MetricsServer
 from pool.cluster.nodes import CALL_SLACK, Cluster, LocalNode, RemoteNode
 from pool.cluster.scheduler import choose_node
+from pool.cluster.shutdown import ShutdownSignals
 from pool.errors import BadRequest, NodeUnavailable, PoolError, ShuttingDown
 from pool.fds import raise_nofile_limit
 from pool.node.ops import NodeOps
@@ -50,8 +50,7 @@ class Service:
         self.socket_path: Path | None = None
         self.tcp_address: tuple[str, int] | None = None
         self._rpcs: list = []
-        self._stop_requested = asyncio.Event()
-        self._force = asyncio.Event()
+        self.signals = ShutdownSignals(on_force=self._end_live_now)
         self._draining = False
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -61,9 +60,8 @@ class Service:
     # -- phase 1: start ---------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        self._loop = loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._loop = asyncio.get_running_loop()
+        self.signals.install()
         tokens = {read_token(cfg.token_file)} if cfg.tcp and cfg.token_file else None
         node_tokens = {n.name: read_token(n.token_file) for n in cfg.nodes.values()}
         self.metrics = Metrics(CollectorRegistry())
@@ -103,21 +101,15 @@ class Service:
 
     # -- phase 2: serve ---------------------------------------------------------------------------
     async def serve(self) -> None:
-        await self._stop_requested.wait()
+        await self.signals.stop.wait()
 
     def request_stop(self) -> None:
         """What a first SIGTERM does; a second one (or force=True) skips the graceful parts."""
-        self._on_signal(signal.SIGTERM)
+        self.signals.received()
 
-    def _on_signal(self, sig: int) -> None:
-        if not self._stop_requested.is_set():
-            log.info("%s: draining (again to force)", signal.Signals(sig).name)
-            self._stop_requested.set()
-        elif not self._force.is_set():
-            log.info("%s again: forcing the shutdown", signal.Signals(sig).name)
-            self._force.set()
-            if self.runtime is not None:
-                self.runtime.end_live(force=True)
+    def _end_live_now(self) -> None:
+        if self.runtime is not None:
+            self.runtime.end_live(force=True)
 
     # -- phase 3: drain ---------------------------------------------------------------------------
     async def drain(self) -> None:
@@ -131,9 +123,9 @@ class Service:
             self.runtime.begin_drain()
         if self._inflight:  # spawns routed to any node; the local node then drains its own
             self._idle.clear()
-            await until(self._idle.wait(), self.cfg.drain_timeout, self._force)
+            await until(self._idle.wait(), self.cfg.drain_timeout, self.signals.force)
         if self.runtime is not None:
-            await self.runtime.drain(self._force, deadline)
+            await self.runtime.drain(self.signals.force, deadline)
 
     # -- phase 4: stop ----------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -149,9 +141,7 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
-        if self._loop is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.remove_signal_handler(sig)
+        self.signals.remove()
         log.info("stopped")
 
     async def run(self) -> int:

@@ -11,17 +11,12 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from test_java_sdk import CASES, IDENTITY, control_app, parse_output, recv, send, split_frames, unpack
+from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, frame, parse_output, recv, send, split_frames,
+                     unpack)
 
 HERE = Path(__file__).resolve().parent
 CHECK = HERE / "js" / "sdk_check.js"
 JS = HERE.parents[1] / "pool" / "js"
-TIMEOUT = 30.0
-
-
-def frame(obj, **pack_opts) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True, **pack_opts)
-    return struct.pack(">I", len(body)) + body
 
 
 def echo(data: bytes) -> subprocess.CompletedProcess:
@@ -155,16 +150,6 @@ def test_math_random_follows_the_identity_seed_crypto_does_not():
     assert first["bytes"] != again["bytes"]               # /dev/urandom on every call
     assert first["uuid"] != again["uuid"]
     assert first["uuid"][14] == "4" and first["uuid"][19] in "89ab"  # a version 4 UUID
-
-
-def test_a_message_other_than_the_identity_is_refused():
-    with checkpoint_app() as (proc, pool_r, pool_w, _):
-        assert recv(pool_r)["type"] == "ready"
-        send(pool_w, {"type": "bogus"})
-        assert "bogus" in recv(pool_r)["message"]       # the SDK tells the pool why
-        out, err = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode != 0
-        assert "done" not in out and "bogus" in err
 
 
 def test_failing_hook_reports_error():
