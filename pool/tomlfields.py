@@ -1,6 +1,6 @@
 """Typed reads of TOML tables, every problem a SpecError naming the file and the dotted field.
 
-Shared by template specs (spec.py) and the service's config (service_config.py).
+Shared by template specs (pool/templates/spec.py) and the service's config (pool/cluster/config.py).
 """
 from __future__ import annotations
 

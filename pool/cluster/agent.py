@@ -4,7 +4,7 @@ coordinator (`pool serve` with `[nodes.NAME]`) to schedule onto.
 It speaks the same msgpack protocol as the service; every connection must authenticate with the
 node's token before anything else is read (rpc.RpcServer). It answers the node methods
 (protocol.NODE_METHODS): spawn and the instance calls, `facts`, `fetch_template` (it pulls from the
-coordinator's TemplateSource, with its own token) and the fork methods (nodeops.py).
+coordinator's TemplateSource, with its own token) and the fork methods (pool/node/ops.py).
 
 Copies' ports are published on the agent's listen address, so clients on other machines reach them.
 Phases as in the service: start, serve (until SIGTERM/SIGINT), drain, stop.

@@ -50,7 +50,7 @@ class Restorer:
 
     # -- is this image fit to restore here? ----------------------------------------------------------
     def check_compatible(self, template: Template) -> None:
-        """Architecture, CRIU and kernel (compat.py), then CPU features via CRIU's cpuinfo check."""
+        """Architecture, CRIU and kernel (pool/templates/compat.py), then CPU features via CRIU's cpuinfo check."""
         compat.check(template.manifest, compat.node_facts(self.criu))
         try:
             self.criu.cpuinfo_check(template.image_dir)

@@ -11,7 +11,7 @@ The node that needs the template pulls it from one that has it (`fetch` against 
               (u32 length + compressed bytes; length 0 ends the file; ABORT + an error frame
               stops the transfer), and finally {op: done}
 
-Headers are protocol.py frames; file data is raw length-prefixed chunks, each file its own
+Headers are pool/wire/protocol.py frames; file data is raw length-prefixed chunks, each file its own
 compressed stream (zstd, else zlib, else none), so a transfer can resume at any file and offset.
 
 Nothing half-received is ever usable: files land in the store's partial dir (Store.partial_dir),
