@@ -3,8 +3,8 @@ quarantine a template whose copies keep failing.
 
 Pure pool logic, no CRIU and no processes: a WarmPool is given a `restore()` coroutine that makes one
 warm copy (any object), a `discard(copy)` callback that gets rid of one it no longer wants, and a
-clock. The node (pool/node/pools.py, supervisor.py) tells it what happened to its copies (`exited`) and when time passes
-(`tick`); tests/unit/test_warm.py drives it with fakes.
+clock. The node (pools.py, supervisor.py) tells it what happened to its copies (`exited`) and when
+time passes (`tick`); tests/unit/test_warm.py drives it with fakes.
 
 Counting. Every copy is in exactly one place: restoring (a restore() in flight), warm (restored,
 waiting for a spawn), live (handed out), dying (discarded by the pool, not yet reported exited).
