@@ -145,11 +145,12 @@ def cmd_kill(args) -> int:
                 results.append({"id": iid, "ok": False, "error": e.code, "message": e.message})
     if args.json:
         _print_json(results)
-    for r in results if not args.json else ():
-        if r["ok"]:
-            print(f"{r['id']}  exit status {r['exit_status']}")
-        else:
-            print(f"pool kill: {r['id']}: {r['message']}", file=sys.stderr)
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"{r['id']}  exit status {r['exit_status']}")
+            else:
+                print(f"pool kill: {r['id']}: {r['message']}", file=sys.stderr)
     return 0 if all(r["ok"] for r in results) else EXIT_ERROR
 
 

@@ -199,18 +199,23 @@ pool.runtime.checkpoint()
 """
 
 
+def failing_template(tmp_path, store, criu, app: str) -> Restorer:
+    """Build app as the SDK template "failing"; a Restorer of the store."""
+    d = tmp_path / "failing"
+    d.mkdir()
+    (d / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
+    (d / "app.py").write_text(app)
+    build(load_spec(d), store, criu)
+    return Restorer(store, criu, tmp_path / "run")
+
+
 @pytest.mark.parametrize("app,needle,output", [
     (CRASH_AFTER_RESTORE, "exited with status 3", "crashing now"),
     (NEVER_ACKS, "did not ack its identity within 1s", "after_restore hangs"),
     (HOOK_FAILS, "ValueError: no database for bad-1", None),
 ])
 def test_failing_copy_is_reported_and_leaves_nothing(tmp_path, store, criu, app, needle, output):
-    d = tmp_path / "failing"
-    d.mkdir()
-    (d / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
-    (d / "app.py").write_text(app)
-    build(load_spec(d), store, criu)
-    r = Restorer(store, criu, tmp_path / "run")
+    r = failing_template(tmp_path, store, criu, app)
     with pytest.raises(RestoreError) as info:
         r.spawn("failing", Identity("bad-1"), timeout=1.0)
     assert needle in info.value.message
@@ -227,12 +232,7 @@ def test_failing_copy_is_reported_and_leaves_nothing(tmp_path, store, criu, app,
 def test_async_hand_over_kills_the_copy_too(tmp_path, store, criu, app, needle):
     """The sync and async hand-over agree: a copy whose hand-over fails is killed. The async one
     only signals it (its caller watches the pidfd), so the caller reaps and closes it."""
-    d = tmp_path / "failing"
-    d.mkdir()
-    (d / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
-    (d / "app.py").write_text(app)
-    build(load_spec(d), store, criu)
-    r = Restorer(store, criu, tmp_path / "run")
+    r = failing_template(tmp_path, store, criu, app)
     inst = r.restore("failing", "bad-2")
     try:
         with pytest.raises(RestoreError) as info:
