@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ MODE_LABEL = {"cold": "cold start", "criu-cli": "criu restore (CLI)", "spawn-mis
               "spawn-warm": "spawn, warm pool", "peer": "runtime's own aid",
               "lazy": "criu restore, lazy pages (not in the pool)"}
 TARGET = {"spawn-warm": 100, "spawn-miss": 10}  # the issue's goals: this many times faster than cold
-OWN_SECTIONS = ("first-answer", "client-round-trip")
+OWN_SECTIONS = ("first-answer", "client-round-trip", "demand-round-trip", "demand-burst")
 MB = 2 ** 20
 
 
@@ -190,6 +191,80 @@ def client_round_trip_markdown(data: dict) -> str:
             + "\n".join(rows) + "\n")
 
 
+def demand_markdown(data: dict) -> str:
+    """bench/test_demand_bench.py: the warm round trip, and bursts from an idle pool per config."""
+    rows, bursts = [], []
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        if x.get("kind") == "demand-round-trip":
+            call = [v * 1e3 for v in x["spawn_call_s"]]
+            s = spread(call)
+            rows.append(f"Warm spawn at the client: p50 {s['median']:.3f} ms, p99 "
+                        f"{nearest_rank(call, 99):.3f} ms (n {s['n']}; the service's own spawn_ms "
+                        f"p50 {spread(x['service_spawn_ms'])['median']:.3f} ms).\n")
+        elif x.get("kind") == "demand-burst":
+            bursts.append(f"| {x['config']} | {x.get('template', 'py-hello')} | {x['spawns']} | {x['concurrency']} | {x['copies_per_s']} | "
+                          f"{x['p50_ms']} | {x['p99_ms']} | {x['hits']} | {x['misses']} | "
+                          f"{x['peak_target']} | {x['target_after']} |")
+    if not rows and not bursts:
+        return ""
+    text = "## Warm pools that follow demand (pool serve)\n\n" + "".join(rows)
+    if bursts:
+        text += ("\nBursts from an idle pool, spawn -> kill per worker:\n\n"
+                 "| pool | template | spawns | concurrency | copies/s | p50 ms | p99 ms | hits | misses | "
+                 "peak target | target after |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                 + "\n".join(bursts) + "\n")
+    return text
+
+
+# --- issue #11's goals -------------------------------------------------------------------------------
+def goals_markdown(data: dict) -> str:
+    """The goals of fast misses and shared memory (fork, demand-sized pools, lazy restore), each with
+    the figure this run measured: from bench/test_demand_bench.py, test_fork_bench.py and
+    test_lazy_bench.py when they ran in it. A goal whose benchmark did not run says so."""
+    by_kind: dict[str, list[dict]] = {}
+    named: dict[str, dict] = {}
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        by_kind.setdefault(x.get("kind", ""), []).append(x)
+        named[b["name"]] = x
+    rows: list[tuple[str, str, str, bool | None]] = []  # measure, goal, measured, met
+
+    def row(measure: str, goal: str, value: float | None, fmt: str, met) -> None:
+        rows.append((measure, goal, "not in this run" if value is None else fmt.format(value),
+                     None if value is None else met(value)))
+
+    rtt = by_kind.get("demand-round-trip", [])
+    row("warm spawn, client round trip p50", "<= 0.5 ms",
+        statistics.median(rtt[0]["spawn_call_s"]) * 1e3 if rtt else None, "{:.2f} ms", lambda v: v <= 0.5)
+    fork_miss = named.get("test_fork_miss", {}).get("spawn_call_p50_ms", {}).get("fork-miss")
+    row("py-hello miss (fork), client round trip p50", "<= 10 ms", fork_miss, "{:.1f} ms",
+        lambda v: v <= 10)
+    embed = (by_kind.get("fork-embed") or [None])[0]
+    row("py-embed miss (fork) to first answer p50", "<= 30 ms",
+        embed["answer_p50_ms"] if embed else None, "{:.1f} ms", lambda v: v <= 30)
+    row("PSS per forked copy / template RSS, py-embed", "<= 25 %",
+        embed["pss_per_copy_over_template_rss"] * 100 if embed else None, "{:.0f} %", lambda v: v <= 25)
+    fork_burst = next((x for x in by_kind.get("demand-burst", []) if x.get("config") == "fork"), None)
+    row("py-hello copies per second, concurrency 8 (fork mode)", ">= 150/s",
+        fork_burst["copies_per_s"] if fork_burst else None, "{:.0f}/s", lambda v: v >= 150)
+    row(f"burst of {fork_burst['spawns'] if fork_burst else 400} spawns at concurrency 8 from an idle "
+        "pool, p99 (fork mode)", "<= 50 ms", fork_burst["p99_ms"] if fork_burst else None,
+        "{:.0f} ms", lambda v: v <= 50)
+    for base in ("jvm-app", "node-app"):
+        ratio = named.get(f"test_lazy_vs_full_miss[{base}]", {}).get("lazy_over_full")
+        row(f"{base} miss to first answer, lazy / full restore", "<= 0.6x", ratio, "{:.2f}x",
+            lambda v: v <= 0.6)
+    row("live py-embed copies that fit in 20 GiB (fork mode)", ">= 200",
+        embed["copies_in_20_gib"] if embed else None, "{:,.0f}", lambda v: v >= 200)
+    if all(r[3] is None for r in rows):
+        return ""
+    mark = {True: "met", False: "**not met**", None: ""}
+    return ("## Goals: misses in milliseconds, memory shared (fork, demand-sized pools, lazy)\n\n"
+            "| measure | goal | this run | |\n|---|---|---:|---|\n"
+            + "\n".join(f"| {m} | {g} | {v} | {mark[ok]} |" for m, g, v, ok in rows) + "\n")
+
+
 # --- heavy templates ---------------------------------------------------------------------------------
 def heavy_summary(data: dict, fa: dict) -> dict:
     """{template: {"latency": {mode: {...}} (from first_answer_summary), "image": {...},
@@ -348,6 +423,12 @@ def main(argv: list[str]) -> int:
     rtt = client_round_trip_markdown(data)
     if rtt:
         text += "\n" + rtt
+    goals = goals_markdown(data)
+    if goals:
+        text += "\n" + goals
+    demand = demand_markdown(data)
+    if demand:
+        text += "\n" + demand
     if any(_soak(b) for b in data.get("benchmarks", [])):
         text += "\n" + soak_markdown(data)
     summary = heavy_summary(data, fa)

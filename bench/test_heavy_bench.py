@@ -70,7 +70,7 @@ def service(heavy, bench_store, bench_dir):
     workdir = bench_dir / "heavy-svc"
     workdir.mkdir(exist_ok=True)
     config = "[service]\nrestore_concurrency = 2\n" + "".join(
-        f"[templates.{t}]\nmin_warm = 0\nmax_live = 16\n" for t in TEMPLATES)
+        f"[templates.{t}]\nmin_warm = 0\nmax_warm = 0\nmax_live = 16\n" for t in TEMPLATES)
     with LocalService(bench_store.root, workdir, config) as svc, svc.client() as client:
         yield svc, client
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
-import time
 
 import psutil
 import pytest
 
 from conftest import QUICK
+from cycles import spawn_kill_cycles
 from pool.cli.demo import LocalService
-from pool.errors import PoolError
 
 NAME = "py-hello"
 MIN_WARM = 2
@@ -37,7 +35,8 @@ def service(template, bench_store, bench_dir):
     template(NAME)
     workdir = bench_dir / "soak"
     workdir.mkdir(exist_ok=True)
-    config = f"[service]\ncapacity = 64\n[templates.{NAME}]\nmin_warm = {MIN_WARM}\nmax_live = 32\n"
+    config = (f"[service]\ncapacity = 64\n[templates.{NAME}]\nmin_warm = {MIN_WARM}\n"
+              f"max_warm = {MIN_WARM}\nmax_live = 32\n")  # fixed: growth is leaks, not demand
     with LocalService(bench_store.root, workdir, config) as svc:
         yield svc
 
@@ -52,46 +51,10 @@ def footprint(svc: LocalService) -> dict[str, int]:
 
 
 def soak(svc: LocalService, cycles: int, concurrency: int) -> dict:
-    latencies: list[float] = []
-    paths: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    left = [cycles]
-    lock = threading.Lock()
-
-    def worker() -> None:
-        with svc.client() as c:
-            while True:
-                with lock:
-                    if left[0] == 0:
-                        return
-                    left[0] -= 1
-                t0 = time.perf_counter()
-                try:
-                    inst = c.spawn(NAME, timeout=60)
-                except PoolError as e:
-                    with lock:
-                        errors[e.code] = errors.get(e.code, 0) + 1
-                    continue
-                took = time.perf_counter() - t0
-                try:
-                    inst.kill(grace=0)
-                except PoolError as e:
-                    with lock:
-                        errors[f"kill:{e.code}"] = errors.get(f"kill:{e.code}", 0) + 1
-                with lock:
-                    latencies.append(took)
-                    paths[inst.path] = paths.get(inst.path, 0) + 1
-
-    threads = [threading.Thread(target=worker, name=f"soak-{i}") for i in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-    return {"cycles": cycles, "concurrency": concurrency, "errors": errors, "paths": paths,
-            "seconds": round(wall, 2), "spawns_per_s": round(len(lat) / wall, 2),
+    run = spawn_kill_cycles(svc, NAME, cycles, concurrency, prefix="soak")
+    lat = sorted(run.latencies)
+    return {"cycles": cycles, "concurrency": concurrency, "errors": run.errors, "paths": run.paths,
+            "seconds": round(run.seconds, 2), "spawns_per_s": round(len(lat) / run.seconds, 2),
             "p50_ms": round(statistics.median(lat) * 1000, 3) if lat else None,
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None}
 

@@ -38,7 +38,9 @@ def service(template, bench_store, bench_dir):
     template(NAME)
     workdir = bench_dir / "svc"
     workdir.mkdir(exist_ok=True)
-    with LocalService(bench_store.root, workdir, f"[templates.{NAME}]\nmin_warm = 0\n") as svc:
+    # a fixed pool of none (max_warm 0): every spawn a miss, whatever the demand
+    fixed_none = f"[templates.{NAME}]\nmin_warm = 0\nmax_warm = 0\n"
+    with LocalService(bench_store.root, workdir, fixed_none) as svc:
         yield svc
 
 

@@ -9,16 +9,22 @@ Public API (imported lazily, so `import pool.runtime` inside applications stays 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers (at run time it stays lazy)
+    from pool import errors
+    from pool.client import AsyncClient, AsyncInstance, Client, Instance, close_default, spawn
+    from pool.errors import *  # noqa: F403 - every error class, as _FROM_ERRORS lists them
 
 _FROM_CLIENT = {"spawn", "Client", "AsyncClient", "Instance", "AsyncInstance", "close_default"}
 # Every error class of pool.errors (pool.errors stays importable on its own; this list is checked
 # against it by tests/unit/test_errors.py).
 _FROM_ERRORS = {"PoolError", "CriuError", "CriuUnavailable", "CriuFailed", "CriuTimeout", "SpecError",
                 "TemplateNotFound", "TemplateCorrupt", "Incompatible", "BuildError", "RestoreError",
-                "InstanceNotFound", "NoCapacity", "Quarantined", "NodeUnavailable", "ShuttingDown",
-                "TransferError", "PoolTimeout", "NoReply", "ProtocolError", "AuthError", "BadRequest",
-                "InternalError", "RemoteError"}
+                "InstanceNotFound", "NoCapacity", "Quarantined", "NodeUnavailable", "ShuttingDown", "Conflict",
+                "TransferError", "PoolTimeout", "NoReply", "ProtocolError", "AuthError", "TlsError",
+                "PermissionDenied", "BadRequest", "InternalError", "RemoteError",
+                "SnapshotNotFound", "CheckpointError"}
 
 __all__ = sorted(_FROM_CLIENT | _FROM_ERRORS | {"errors"})
 

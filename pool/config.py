@@ -10,6 +10,7 @@ DEFAULT_CRIU_PREFIX = Path("/opt/prewarm-pool/criu")
 DEFAULT_STORE = Path("/var/lib/pool/templates")
 DEFAULT_RUN_DIR = Path("/run/pool")
 DEFAULT_SOCKET = DEFAULT_RUN_DIR / "pool.sock"
+DEFAULT_IMAGE_KEY = Path("/etc/pool/image.key")
 MIN_CRIU_VERSION = (4, 2)
 
 
@@ -28,6 +29,13 @@ def criu_candidates() -> list[tuple[str, str]]:
 
 def store_path() -> Path:
     return Path(os.environ.get("POOL_STORE", DEFAULT_STORE))
+
+
+def image_key_path() -> Path | None:
+    """The image key node commands (build, restore, inspect) seal and read images with: the
+    node's [service] image_key when it sets encrypt_images. None: a plain store."""
+    env = os.environ.get("POOL_IMAGE_KEY")
+    return Path(env) if env else None
 
 
 def run_dir() -> Path:

@@ -21,15 +21,20 @@ counts toward its template's quarantine (pool.node.faults: only the template's o
 | BuildError                     | build_failed       | the app, at the named step (errno ENOSPC: the disk) | after fixing it          |
 | RestoreError                   | restore_failed     | the template, unless raised from a node fault | yes, a few times                |
 | InstanceNotFound               | instance_not_found | the caller (or the copy is gone)          | no                                |
+| SnapshotNotFound               | snapshot_not_found | the caller (or retention removed it)      | no                                |
+| CheckpointError                | checkpoint_failed  | the app (a resource CRIU cannot dump) or the node (ENOSPC); the instance still runs | after fixing it |
 | NoCapacity                     | no_capacity        | load: every allowed copy is in use        | yes, later                        |
 | Quarantined                    | quarantined        | the template (failed N times in a row)    | after `pool set-warm`             |
 | NodeUnavailable                | node_unavailable   | the node or the network                   | yes, later or on another node     |
 | ShuttingDown(NodeUnavailable)  | shutting_down      | nobody: the service is stopping           | yes, on a restarted service       |
+| Conflict                       | conflict           | another node or coordinator got there first (an etcd transaction lost: a node name already registered) | no: fix the names, or wait for the other's lease |
 | TransferError                  | transfer_failed    | the network or the peer                   | yes                               |
 | PoolTimeout (a TimeoutError)   | timeout            | load: it did not finish within its deadline (no copy ready in time, the server's request_timeout) | yes, maybe with a longer timeout |
 | NoReply(PoolTimeout)           | no_reply           | the peer or the network: no reply within the caller's deadline | yes, if the request is safe to repeat (it may have run) |
 | ProtocolError                  | protocol_error     | the peer (not a pool, or a bug); an idle close by the server | reconnect (clients do it for an idle close) |
 | AuthError                      | auth_failed        | the caller's token                        | no                                |
+| PermissionDenied               | permission_denied  | the caller: its uid may not do this (names the method) | no: ask an admin   |
+| TlsError(AuthError)            | tls_failed         | a peer's certificate (another CA, not the node named) or ours | no: fix the certificates |
 | BadRequest                     | bad_request        | the caller: names the method and param    | no                                |
 | InternalError                  | internal           | the service (a bug; it logged a traceback) | maybe; report it                 |
 | RemoteError                    | the peer's code    | unknown: a code this side does not know   | unknown                           |
@@ -171,6 +176,27 @@ class InstanceNotFound(PoolError):
         super().__init__(f"no instance {instance_id!r}", instance_id=instance_id)
 
 
+class SnapshotNotFound(PoolError):
+    code = "snapshot_not_found"
+
+    def __init__(self, instance_id: str, snapshot: str | None) -> None:
+        what = f"no snapshot {snapshot!r}" if snapshot else "no snapshot"
+        super().__init__(f"instance {instance_id!r} has {what} (`pool snapshots {instance_id}` lists them)",
+                         instance_id=instance_id, snapshot=snapshot)
+
+
+class CheckpointError(PoolError):
+    """A checkpoint of a running instance failed at a named step; the instance still runs."""
+
+    code = "checkpoint_failed"
+
+    def __init__(self, step: str, problem: str) -> None:
+        super().__init__(f"checkpoint failed while {step}: {problem} (the instance still runs)",
+                         step=step, problem=problem)
+        self.step = step
+        self.problem = problem
+
+
 class NoCapacity(PoolError):
     code = "no_capacity"
 
@@ -189,6 +215,12 @@ class ShuttingDown(NodeUnavailable):
     """The service (or a node, or a template's pool on it) is stopping and takes no new work."""
 
     code = "shutting_down"
+
+
+class Conflict(PoolError):
+    """A transaction on the cluster state (etcd) lost: what it would create is someone else's."""
+
+    code = "conflict"
 
 
 class TransferError(PoolError):
@@ -224,6 +256,18 @@ class AuthError(PoolError):
     code = "auth_failed"
 
 
+class PermissionDenied(PoolError):
+    """The caller is known but may not do this (pool.cluster.access: roles from its credentials)."""
+
+    code = "permission_denied"
+
+
+class TlsError(AuthError):
+    """A TLS handshake failed: names the peer, the node name expected and what was wrong."""
+
+    code = "tls_failed"
+
+
 class BadRequest(PoolError):
     """A well-formed request with a wrong method or parameter."""
 
@@ -242,8 +286,8 @@ class RemoteError(PoolError):
     code = "remote_error"
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
+def _all_subclasses(cls: type[PoolError]) -> list[type[PoolError]]:
+    out: list[type[PoolError]] = []
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -86,12 +87,36 @@ class Table:
             self.fail(key, problem)
         return value
 
+    def size(self, key: str, default: int | None = None) -> int | None:
+        """A size in bytes: an integer, or a string such as "512M" (see parse_size)."""
+        value = self.data.get(key)
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError as e:
+                self.fail(key, str(e))
+        return self.get(key, "int", default)
+
     def table(self, key: str, keys: tuple[str, ...] | None) -> Table | None:
         data = self.get(key, "table", None)
         return None if data is None else Table(self.path, data, f"{self.prefix}.{key}".lstrip("."), keys)
 
 
 # --- value checks ---------------------------------------------------------------------------------
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "512M", "16G", "65536" (K, M, G, T are powers of 1024; "GiB", "GB" read the same).
+    Raises ValueError."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size: a number of bytes, or with K, M, G or T "
+                         "(powers of 1024), e.g. \"512M\"")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
 def positive(v: float) -> str | None:
     return None if math.isfinite(v) and v > 0 else f"must be greater than 0, got {v}"
 

@@ -14,13 +14,15 @@ log() { echo "setup: $*" >&2; }
 
 # Debian packages: tini (PID 1 of every template), iproute2 (netns, veth, tc), iptables (silences
 # CRIU's ip6tables-legacy-save noise), bash-completion (`pool` completes on TAB), prometheus (the
-# metrics test scrapes for real), Jackson (jvm-app).
-DEBS="tini iproute2 iptables bash-completion prometheus libjackson2-databind-java ${POOL_EXTRA_DEBS:-}"
+# metrics test scrapes for real), Jackson (jvm-app), etcd-server (a cluster on etcd: its tests and
+# benchmark start their own).
+DEBS="tini iproute2 iptables bash-completion prometheus libjackson2-databind-java etcd-server ${POOL_EXTRA_DEBS:-}"
 # Tools taken from the machine when it has them, else from Debian: a bare Debian lacks venv's
 # ensurepip, the JDK (java-hello, jvm-app, the Java SDK tests), node/npm (node-app) and zstd.
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || DEBS="$DEBS python3-venv"
-for tool in java javac jar node npm zstd; do
+for tool in java javac jar node npm zstd systemd-analyze; do
   command -v "$tool" >/dev/null || case $tool in
+    systemd-analyze) DEBS="$DEBS systemd" ;;  # tests verify deploy/systemd's units
     java|javac|jar) DEBS="$DEBS openjdk-17-jdk-headless" ;;
     node|npm) DEBS="$DEBS nodejs npm" ;;
     zstd) DEBS="$DEBS zstd" ;;
@@ -43,6 +45,10 @@ if [ -n "$missing" ]; then
   if [[ " $missing " == *" prometheus "* ]]; then
     systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
     pkill -x prometheus 2>/dev/null || true; pkill -x prometheus-node-exporter 2>/dev/null || true
+  fi
+  # Likewise Debian's etcd-server starts a system etcd on :2379.
+  if [[ " $missing " == *" etcd-server "* ]]; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
   fi
 fi
 

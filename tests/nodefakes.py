@@ -146,11 +146,23 @@ class FakeMetrics:
 
 
 @dataclass
+class FakeManifest:
+    spec: dict = field(default_factory=dict)   # a built spec (secret_env, ...)
+    sdk: bool = True
+    built_at: str | None = None
+    port: int | None = None
+    lazy_pages: bool | None = None
+    restore_method: str = "criu"
+    image_bytes: int = 1 << 20
+    rss_bytes: int | None = 4 << 20     # what the memory budget counts per copy
+
+
+@dataclass
 class FakeTemplate:
     name: str
     build_id: str = "b1"
     image_bytes: int = 1 << 20
-    manifest: dict = field(default_factory=dict)
+    manifest: FakeManifest = field(default_factory=FakeManifest)
 
 
 class FakeStore:
@@ -168,6 +180,12 @@ class FakeStore:
 
     def all(self):
         return list(self.templates.values())
+
+    def drop_readable(self, name, keep_build=None):  # a plain store: no decrypted builds
+        pass
+
+    def close(self):
+        pass
 
 
 class FakeRestorer:

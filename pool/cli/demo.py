@@ -32,7 +32,7 @@ from pool.templates.build import app_environment, build
 from pool.templates.spec import load_spec
 from pool.templates.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this is pool/cli/demo.py)
 TEMPLATES = ROOT / "templates"
 RUNS = {"cold": 3, "restore": 5, "warm": 9}
 DEMO_TEMPLATES = ("py-hello", "java-hello", "jvm-app", "node-app", "py-embed")
@@ -223,7 +223,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="prewarm-demo-"))
     try:
         specs = build_templates(tmp / "store")
-        config = "".join(f"[templates.{s.name}]\nmin_warm = 2\nmax_live = 8\n\n" for s in specs)
+        # fixed pools (max_warm 0): the demo shows a miss and a warm spawn, not demand
+        config = "".join(f"[templates.{s.name}]\nmin_warm = 2\nmax_warm = 0\nmax_live = 8\n\n"
+                         for s in specs)
         rows = []
         with LocalService(tmp / "store", tmp, config) as svc, svc.client() as c:
             for spec in specs:

@@ -55,6 +55,7 @@ def run_checks(store: Path | None = None) -> tuple[list[Check], dict]:
                             "kernel supports checkpoint/restore" if res.ok else
                             f"`criu check` failed: {res.output.splitlines()[-1] if res.output else ''}"
                             " (this kernel cannot checkpoint/restore; see docs/limits.md)"))
+        uffd = criu.feature("uffd-noncoop")
         for feat, name, required, meaning in (
             ("ns_pid", "pid namespaces", True, "each copy needs its own pid namespace"),
             ("timens", "time namespaces", False, "copies' monotonic clocks would jump after restore"),
@@ -63,7 +64,7 @@ def run_checks(store: Path | None = None) -> tuple[list[Check], dict]:
              "no pre-dump / iterative migration; dumps stop the app for the whole copy"),
             ("pidfd_store", "pidfd store", False, "CRIU cannot track pid reuse between dumps"),
         ):
-            r = criu.feature(feat)
+            r = uffd if feat == "uffd-noncoop" else criu.feature(feat)
             checks.append(Check(name, "OK" if r.ok else ("MISSING" if required else "WARN"),
                                 "supported" if r.ok else meaning, required=required))
     for ns in ("pid", "net", "uts", "ipc"):
@@ -81,6 +82,8 @@ def run_checks(store: Path | None = None) -> tuple[list[Check], dict]:
         f"{pipe_max}" if pipe_max and pipe_max >= LAZY_PIPE_SIZE else
         f"{pipe_max}: lazy restore unavailable until `sysctl fs.pipe-max-size={LAZY_PIPE_SIZE}`",
         required=False))
+    if criu is not None:
+        checks.append(_lazy_restore_check(uffd.ok, pipe_max))
     checks.append(_subreaper_check())
     checks.append(_kdat_cache_check())
     store = store or config.store_path()
@@ -94,6 +97,20 @@ def _read_int(path: str) -> int | None:
         return int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _lazy_restore_check(uffd_ok: bool, pipe_max: int | None) -> Check:
+    """Templates with [restore] method = "lazy" need both userfaultfd and big enough pipes."""
+    why = []
+    if not uffd_ok:
+        why.append("`criu check --feature uffd-noncoop` fails (no non-cooperative userfaultfd)")
+    if not pipe_max or pipe_max < LAZY_PIPE_SIZE:
+        why.append(f"fs.pipe-max-size is {pipe_max}, below {LAZY_PIPE_SIZE} (`make setup` raises it)")
+    if not why:
+        return Check("lazy restore", "OK", 'templates with [restore] method = "lazy" restore '
+                                           "lazily", required=False)
+    return Check("lazy restore", "WARN", 'unavailable: templates with [restore] method = "lazy" '
+                 "cannot be built or restored here: " + "; ".join(why), required=False)
 
 
 def _subreaper_check() -> Check:

@@ -30,7 +30,11 @@ def _print_json(obj) -> None:
 def _store(args):
     from pool.templates.store import Store  # noqa: PLC0415
 
-    return Store(Path(args.store) if args.store else config.store_path())
+    from pool.templates.imagecrypt import ImageKey  # noqa: PLC0415
+
+    root = Path(args.store) if args.store else config.store_path()
+    key_path = Path(args.image_key) if args.image_key else config.image_key_path()
+    return Store(root, key=ImageKey.load_or_create(key_path, root) if key_path else None)
 
 
 def _template_search() -> list[Path]:
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "start copies of it in milliseconds.")
     p.add_argument("--version", action="version", version=f"%(prog)s (prewarm-pool) {_version()}")
     p.add_argument("--store", help=f"template store (default $POOL_STORE or {config.DEFAULT_STORE})")
+    p.add_argument("--image-key", metavar="FILE",
+                   help="the store's images are encrypted with this key (the node's [service] "
+                        "image_key with encrypt_images; default $POOL_IMAGE_KEY; none: plain)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("doctor", help="can this node build and restore templates?")
@@ -183,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the instances as JSON")
     s.set_defaults(func=cmd_restore, takes_args=True)
 
+    from pool.cli import certs  # noqa: PLC0415
     from pool.cli.service import add_commands  # noqa: PLC0415
 
     add_commands(sub, _env_pair)
+    certs.add_commands(sub)
     return p
 
 

@@ -1,5 +1,5 @@
 """`pool` commands that run or talk to the service: serve, agent, spawn, ls, kill, logs, stats,
-set-warm, nodes, push, fork.
+set-warm, nodes, push, fork (and, from pool/cli/live.py, those on running instances).
 
 Client commands find the service at --socket, else $POOL_SOCKET, else /run/pool/pool.sock.
 
@@ -47,7 +47,9 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = load_config(args.config, socket=args.socket, store=args.serve_store or args.store, tcp=args.tcp,
-                      token_file=args.token_file, metrics=args.metrics)
+                      token_file=args.token_file, metrics=args.metrics, tls_dir=args.tls_dir,
+                      insecure_plain_tcp=args.insecure_plain_tcp or None, source=args.source,
+                      etcd=args.etcd, agent_token_file=args.agent_token_file)
     return serve(cfg)
 
 
@@ -58,9 +60,10 @@ def cmd_agent(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = load_config(args.config, store=args.agent_store or args.store, run_dir=args.run_dir,
-                      metrics=args.metrics)
+                      metrics=args.metrics, tls_dir=args.tls_dir,
+                      insecure_plain_tcp=args.insecure_plain_tcp or None, etcd=args.etcd)
     listen = parse_hostport(args.listen, "command line", "--listen")
-    return run_agent(cfg, listen, args.token_file, args.name or socket.gethostname())
+    return run_agent(cfg, listen, args.token_file, args.name, socket.gethostname())
 
 
 # -- client commands ---------------------------------------------------------------------------------
@@ -81,14 +84,29 @@ def cmd_spawn(args) -> int:
 def cmd_nodes(args) -> int:
     with _client(args) as c:
         rows = c.nodes()
-    if args.json:
+        cluster = c.stats().get("cluster") if any("lease" in r for r in rows) else None
+    if args.json:   # the rows (with each agent's lease on etcd); `pool stats --json` has "cluster"
         _print_json(rows)
         return 0
+    etcd = cluster is not None
     print(tables.render(
-        ["NODE", "STATE", "ADDRESS", "FREE", "TEMPLATES"],
-        [[r["name"], "up" if r["healthy"] else "down", r["address"], r["free"],
-          (", ".join(sorted(r["templates"])) or "-")
-          + (f"  ({r['last_error']})" if r.get("last_error") else "")] for r in rows], right={3}))
+        ["NODE", "STATE", "ADDRESS", "FREE"] + (["LEASE", "TTL"] if etcd else []) + ["TEMPLATES"],
+        [[r["name"], "up" if r["healthy"] else "down", r["address"], r["free"]]
+         + ([(r.get("lease") or {}).get("id", "-"), (r.get("lease") or {}).get("ttl")] if etcd else [])
+         + [(", ".join(sorted(r["templates"])) or "-")
+            + (f"  ({r['last_error']})" if r.get("last_error") else "")] for r in rows],
+        right={3, 5} if etcd else {3}))
+    if etcd:
+        print(f"\netcd {', '.join(cluster['endpoints'])}, prefix {cluster['prefix']}"
+              + (f": {cluster['error']}" if cluster.get("error") else ""))
+        print(tables.render(["MEMBER", "ID", "CLIENT URLS"],
+                            [[m["name"], m["id"], ", ".join(m["client_urls"])]
+                             for m in cluster["members"]]))
+        print()
+        print(tables.render(["COORDINATOR", "HOST", "PID", "TCP", "LEASE", "TTL"],
+                            [[co["id"] + (" (this one)" if co["me"] else ""), co["host"], co["pid"],
+                              co["tcp"], co["lease"], co["ttl"]] for co in cluster["coordinators"]],
+                            right={2, 5}))
     return 0
 
 
@@ -126,10 +144,12 @@ def cmd_ls(args) -> int:
     if not rows:
         print("no instances")
         return 0
-    print(tables.render(["ID", "TEMPLATE", "NODE", "PID", "SERVED BY", "UPTIME S", "ADDRESS"],
-                        [[r["id"], r["template"], r.get("node"), r["pid"], r["path"],
-                          f"{r.get('uptime_s', 0):.1f}", r.get("address")] for r in rows],
-                        right={3, 5}))
+    print(tables.render(["ID", "TEMPLATE", "NODE", "PID", "STATE", "SERVED BY", "UPTIME S",
+                         "RESTARTS", "ADDRESS"],
+                        [[r["id"], r["template"], r.get("node"), r["pid"], r["state"], r["path"],
+                          f"{r.get('uptime_s', 0):.1f}", r.get("restarts", 0), r.get("address")]
+                         for r in rows],
+                        right={3, 6, 7}))
     return 0
 
 
@@ -190,18 +210,19 @@ def cmd_stats(args) -> int:
     print(f"service pid {s['pid']}, up {s['uptime_s']:.0f}s, {s['live']} live, "
           f"{s['spawns_in_flight']} spawning" + (f", metrics http://{s['metrics']}/metrics"
                                                   if s.get("metrics") else ""))
+    if snaps := s.get("snapshots"):
+        print(f"snapshots of running instances: {snaps['count']}, {snaps['bytes'] / 2**20:.1f} MB")
     if not s["templates"]:
         print("no templates in use")
         return 0
     rows = []
     for name, t in s["templates"].items():
         state = f"QUARANTINED: {t['last_error']}" if t["quarantined"] else "ok"
-        spawns = t.get("spawns", {})
         rows.append([name, t["warm"], t.get("target", t["min_warm"]), t["min_warm"], t["live"],
-                     t["max_live"], t["restoring"], f"{spawns.get('warm', 0)}/{spawns.get('restore', 0)}",
+                     t["max_live"], t["restoring"], f"{t.get('hits', 0)}/{t.get('misses', 0)}",
                      state])
     print(tables.render(["TEMPLATE", "WARM", "TARGET", "MIN", "LIVE", "MAX", "RESTORING",
-                         "WARM/RESTORE", "STATE"], rows, right={1, 2, 3, 4, 5, 6, 7}))
+                         "HITS/MISSES", "STATE"], rows, right={1, 2, 3, 4, 5, 6, 7}))
     return 0
 
 
@@ -222,12 +243,25 @@ def add_commands(sub, env_pair) -> None:
         s.add_argument("--socket", help="service socket (default $POOL_SOCKET or "
                                         f"{config.DEFAULT_SOCKET})")
 
+    def tls_opts(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--tls-dir", metavar="DIR", help="this node's TLS files (ca.crt, node.crt, "
+                       "node.key; `pool certs issue`): mutual TLS on every TCP link")
+        s.add_argument("--insecure-plain-tcp", action="store_true",
+                       help="allow TCP without TLS (tokens and images in clear): tests and local "
+                            "development only")
+
     s = sub.add_parser("serve", help="run the pool service (warm pools, RPC API, metrics)")
     socket_opt(s)
     s.add_argument("--config", help="service TOML: [service] and [templates.NAME] min_warm, ...")
     s.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (needs --token-file)")
     s.add_argument("--token-file", help="file holding the shared token TCP clients must present")
     s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    tls_opts(s)
+    s.add_argument("--source", metavar="HOST:PORT", help="where agents fetch templates from "
+                                                         "(default: the --tcp host, any port)")
+    s.add_argument("--etcd", metavar="URL[,URL]", help="the cluster's state in etcd: agents join "
+                   "by themselves, several coordinators may serve (docs/nodes.md)")
+    s.add_argument("--agent-token-file", help="with --etcd: the token the agents were started with")
     s.add_argument("--store", dest="serve_store", metavar="STORE",
                    help=f"template store (default $POOL_STORE or {config.DEFAULT_STORE})")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -253,6 +287,9 @@ def add_commands(sub, env_pair) -> None:
     s.add_argument("--config", help="TOML: [service] capacity, max_live...; [templates.NAME]")
     s.add_argument("--name", help="this node's name in replies (default: the hostname)")
     s.add_argument("--metrics", metavar="HOST:PORT", help="serve this node's Prometheus /metrics there")
+    s.add_argument("--etcd", metavar="URL[,URL]", help="join the cluster: register this node in "
+                   "etcd with a lease (coordinators find it there)")
+    tls_opts(s)
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     s.set_defaults(func=cmd_agent)
 
@@ -280,6 +317,10 @@ def add_commands(sub, env_pair) -> None:
     s.add_argument("--timeout", type=float, default=120.0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_fork)
+
+    from pool.cli import live  # noqa: PLC0415  (it imports this module)
+
+    live.add_commands(sub, socket_opt)
 
     s = sub.add_parser("ls", help="list running instances")
     socket_opt(s)

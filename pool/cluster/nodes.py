@@ -9,6 +9,11 @@ connection (a cut link sends no RST) close it. The heartbeat keeps reconnecting;
 again is up again (it rejoins with whatever it still has: its facts say so).
 
 Every call to a node has a deadline, so a node that goes silent costs a caller at most that.
+
+Every link is mutual TLS when the coordinator has TLS files: an agent's certificate must name the
+node (`[nodes.NAME]`), or the connection fails with TlsError before a frame is sent and the node
+stays down with that as its last error. Agents fetching templates from the coordinator's source are
+told its name (`source_name`, the name in its own certificate) to check it the same way.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pool.templates.compat import NodeFacts, check, compatibility_problem, node_
 from pool.templates.transfer import TemplateSource
 from pool.wire.protocol import validate_params
 from pool.wire.rpc import RpcClient
+from pool.wire.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,17 @@ class LocalNode:
         return await self.ops.handle(method, validate_params(method, params or {}))
 
     def cached(self) -> dict[str, str]:
-        return {t.name: t.build_id for t in self.ops.store.all()
-                if not t.manifest.lazy_pages}
+        return {name: build for name in self.ops.store.names()
+                if (build := self.holds(name)) is not None}
+
+    def holds(self, template: str) -> str | None:
+        """The build of template this node can restore (a lazy fork's build cannot), or None.
+        One readlink; the manifest is the store's cached one (the spawn path asks)."""
+        try:
+            t = self.ops.store.current(template)
+        except PoolError:  # corrupt: not a build to restore (as store.all() skips it)
+            return None
+        return t.build_id if t is not None and not t.manifest.lazy_pages else None
 
     def free(self) -> int:
         return self.ops.runtime.free()
@@ -69,10 +84,12 @@ class RemoteNode:
 
     remote = True
 
-    def __init__(self, name: str, address: tuple[str, int], token: str, heartbeat_s: float) -> None:
+    def __init__(self, name: str, address: tuple[str, int], token: str, heartbeat_s: float,
+                 tls: TlsFiles | None = None) -> None:
         self.name = name
         self.address = address
         self.token = token
+        self.tls = tls                           # None: plain TCP (insecure_plain_tcp)
         self.heartbeat_s = heartbeat_s
         self.client = None                       # rpc.RpcClient while connected
         self.info: dict[str, Any] = {}           # its last `facts` reply
@@ -119,7 +136,8 @@ class RemoteNode:
                     if self.client is not None:
                         await self._disconnect("its connection closed")
                     self.client = await RpcClient.connect_tcp(
-                        *self.address, self.token, timeout=self.heartbeat_s,
+                        *self.address, self.token, tls=self.tls, server_name=self.name,
+                        insecure_plain_tcp=self.tls is None, timeout=self.heartbeat_s,
                         client="pool-coordinator")
                 facts = await self.client.call("facts", timeout=self.heartbeat_s)
                 NodeFacts.from_wire(facts.get("facts"))
@@ -162,6 +180,9 @@ class RemoteNode:
     def cached(self) -> dict[str, str]:
         return dict(self.info.get("templates") or {})
 
+    def holds(self, template: str) -> str | None:
+        return (self.info.get("templates") or {}).get(template)
+
     def free(self) -> int:
         return int(self.info.get("free", 0)) - self.spawning - self.placed
 
@@ -178,41 +199,66 @@ class RemoteNode:
 
 
 class Cluster:
-    """The nodes, the instance routing table and template shipping."""
+    """The nodes, the instance routing table and template shipping. Which remote nodes there are,
+    and where routes are kept, is its registry's business (registry.StaticRegistry: the config's
+    [nodes.*]; registry.EtcdRegistry: agents that join through etcd)."""
 
-    def __init__(self, store, local: LocalNode | None, remotes: list[RemoteNode],
-                 source_host: str | None) -> None:
+    def __init__(self, store, local: LocalNode | None, registry,
+                 source_host: str | None, tls: TlsFiles | None = None) -> None:
         self.store = store                      # the coordinator's store: what it can ship
         self.local = local
+        self.registry = registry
         self.nodes: dict[str, LocalNode | RemoteNode] = {}
         if local is not None:
             self.nodes[local.name] = local
-        for n in remotes:
-            self.nodes[n.name] = n
-        self.routes: dict[str, str] = {}        # instance id -> node name
+        self.routes: dict[str, str] = registry.routes   # instance id -> node name (a mirror)
         self.source = None                      # transfer.TemplateSource, when there are remotes
         self.source_address: tuple[str, int] | None = None
         self._source_host = source_host
+        self.tls = tls
         self._shipping: dict[tuple[str, str], asyncio.Future] = {}
+        self._tokens: set[str] = set()
 
     @property
     def remotes(self) -> list[RemoteNode]:
         return [n for n in self.nodes.values() if n.remote]
 
     async def start(self, tokens: set[str], source_port: int = 0) -> None:
-
-        if self.remotes:
-            self.source = TemplateSource(self.store, tokens=tokens)
+        """Serve templates to agents (if any may come), then let the registry bring the nodes."""
+        self._tokens = tokens
+        if self.registry.joins or tokens:
+            self.source = TemplateSource(self.store, tokens=tokens, tls=self.tls)
             self.source_address = await self.source.start(self._source_host or "127.0.0.1",
                                                           source_port)
-        for n in self.remotes:
-            n.start()
+        await self.registry.start(self)
+
+    def add(self, n: RemoteNode) -> None:
+        """A remote node from the registry: its heartbeat starts now."""
+        self.nodes[n.name] = n
+        n.start()
+
+    async def remove(self, name: str) -> None:
+        n = self.nodes.get(name)
+        if n is not None and n.remote:
+            del self.nodes[name]
+            await n.close()
 
     async def close(self) -> None:
+        await self.registry.close()
         for n in self.remotes:
             await n.close()
         if self.source is not None:
             await self.source.close()
+
+    async def set_route(self, iid: str, node: str) -> None:
+        """Remember where iid lives (in etcd too, with an EtcdRegistry: NodeUnavailable if not)."""
+        await self.registry.set_route(iid, node)
+
+    async def drop_route(self, iid: str) -> None:
+        try:
+            await self.registry.drop_route(iid)
+        except PoolError as e:   # a stale route only costs a lookup on its node later
+            log.warning("forgetting the route of %s: %s", iid, e.message)
 
     def node(self, name: str):
         n = self.nodes.get(name)
@@ -221,21 +267,30 @@ class Cluster:
                                   f"{', '.join(sorted(self.nodes)) or 'none'})", node=name)
         return n
 
+    def up_node(self, name: str):
+        """The node named name, if it is up; NodeUnavailable if it is unknown or down."""
+        n = self.node(name)
+        if not n.healthy:
+            raise NodeUnavailable(f"node {name} is down", node=name)
+        return n
+
     # -- scheduling ---------------------------------------------------------------------------------
     def views(self, template: str) -> list[NodeView]:
-        """What scheduler.choose_node needs, for a spawn of template."""
+        """What scheduler.choose_node needs, for a spawn of template. On the spawn path: no file
+        is read (the store's manifest is cached per build, Store.current), no manifest parsed."""
         try:
-            manifest = self.store.get(template).manifest
+            current = self.store.current(template)
         except PoolError:
-            manifest = None
-        holders = [n for n in self.nodes.values() if template in n.cached()]
-        if manifest is None and not holders:
+            current = None
+        manifest = current.manifest if current is not None else None
+        held = {name: n.holds(template) for name, n in self.nodes.items()}
+        if manifest is None and not any(held.values()):
             raise TemplateNotFound(template, where="the coordinator's store or any node")
         out = []
         for n in self.nodes.values():
-            cached = n.cached()
+            build = held[n.name]
             # a node holds the template if it has the build we would ship (or any, if we have none)
-            has = template in cached and (manifest is None or cached[template] == manifest.build_id)
+            has = build is not None and (manifest is None or build == manifest.build_id)
             compatible: bool | str = True
             if not has:
                 facts = n.facts()
@@ -254,10 +309,23 @@ class Cluster:
         key = (n.name, template)
         fut = self._shipping.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self._ship(n, template, timeout))
+            fut = asyncio.ensure_future(self._ship_once(n, template, timeout))
             self._shipping[key] = fut
             fut.add_done_callback(lambda _f: self._shipping.pop(key, None))
         return await asyncio.shield(fut)
+
+    async def _ship_once(self, n: RemoteNode, template: str, timeout: float) -> dict:
+        """Under the registry's lock for (node, template): another coordinator may have shipped
+        it while we waited for the lock, which a fresh look at the node's facts tells."""
+        async with self.registry.once(n.name, template):
+            build = self.store.get(template).build_id
+            if self.registry.joins:
+                facts = await n.call("facts", None, CALL_SLACK)
+                n.info["templates"] = facts.get("templates") or {}
+                if n.holds(template) == build:
+                    return {"name": template, "build_id": build, "already_current": True,
+                            "node": n.name}
+            return await self._ship(n, template, timeout)
 
     async def _ship(self, n: RemoteNode, template: str, timeout: float) -> dict:
         t = self.store.get(template)
@@ -268,7 +336,8 @@ class Cluster:
             raise NodeUnavailable("the coordinator serves no templates (no remote nodes)")
         host, port = self.source_address
         r = await n.call("fetch_template", {"name": template, "source": f"{host}:{port}",
-                                            "build_id": t.build_id, "timeout": timeout},
+                                            "build_id": t.build_id, "timeout": timeout,
+                                            "source_name": self.tls.name if self.tls else None},
                          timeout + CALL_SLACK)
         n.info.setdefault("templates", {})[template] = r["build_id"]
         return r
@@ -284,6 +353,7 @@ class Cluster:
                 continue
             with contextlib.suppress(InstanceNotFound, NodeUnavailable):
                 await n.call("info", {"id": iid}, CALL_SLACK)
-                self.routes[iid] = n.name
+                with contextlib.suppress(NodeUnavailable):   # found anyway: routing it works
+                    await self.set_route(iid, n.name)
                 return n
         raise InstanceNotFound(iid)

@@ -37,25 +37,27 @@ from pool.templates.store import Store, Template, new_build_id, seal
 def checkpoint_instance(inst: RestoredCopy, dest: Store | Path, criu: Criu, *,
                         leave_running: bool = True, name: str | None = None,
                         source_manifest: Manifest | None = None,
-                        timeout: float = 120.0) -> Template:
+                        timeout: float = 120.0, keep_channel: bool = False) -> Template:
     """Dump the running copy inst into a template build.
 
     dest a Store: published there as `name` (default: a fresh store.fork_name). dest a Path: written as a
     build dir (manifest.json + image/) that must not exist yet, not published. The copy keeps
-    running (leave_running) after a pause of one dump.
+    running (leave_running) after a pause of one dump. keep_channel (a snapshot of the instance
+    itself, not a fork): its control pipes are recorded, so a restore hands it fresh ones.
     """
     name = name or fork_name(inst.template)
     keys = _stdio_keys(inst)
+    pipes = _control_pipes(inst) if keep_channel else {}
     source_manifest = source_manifest or _source_manifest(inst, dest)
     if isinstance(dest, Store):
         with dest.staging(name) as staged:
             manifest = _dump(inst, staged, criu, keys, source_manifest, leave_running, timeout)
-            return dest.publish(name, staged, manifest)
+            return dest.publish(name, staged, {**manifest, "pipes": pipes})
     build_dir = Path(dest)
     build_dir.mkdir(mode=0o700)
     try:
         manifest = _dump(inst, build_dir, criu, keys, source_manifest, leave_running, timeout)
-        return seal(build_dir, name, manifest)
+        return seal(build_dir, name, {**manifest, "pipes": pipes})
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
@@ -71,6 +73,8 @@ def _dump(inst: RestoredCopy, build_dir: Path, criu: Criu, keys: dict[str, str],
             criu.cpuinfo_dump(build_dir / "image")
         except CriuError as e:
             raise RestoreError("checkpointing the running copy", e.message) from e
+        with contextlib.suppress(FileNotFoundError):  # CRIU's measures (freeze time) go with it
+            shutil.copyfile(Path(logs) / "stats-dump", build_dir / "image" / "stats-dump")
     return _manifest(inst, criu, keys, source_manifest, dump_s=time.monotonic() - t0)
 
 
@@ -144,6 +148,17 @@ def checkpoint_instance_lazy(inst: RestoredCopy, build_dir: Path, criu: Criu,
         raise
 
 
+def restore_copy(template: Template, criu: Criu, run_dir: Path, *, instance_id: str,
+                 timeout: float = 60.0) -> RestoredCopy:
+    """Restore a fork build or a snapshot as instance_id, eagerly: a migrated instance keeps its
+    id (and, a snapshot's, its control channel: fresh pipes, no identity hand-over). run_dir (must
+    not exist) becomes the copy's private dir."""
+    become_subreaper()  # the copy must become our child, to be reaped
+    job = restore_chain.RestoreJob(template=template, instance_id=instance_id, run_dir=Path(run_dir),
+                                   criu=criu, timeout=timeout)
+    return restore_chain.run(job, restore_chain.EAGER)
+
+
 def restore_lazy(template: Template, criu: Criu, run_dir: Path, page_server: tuple[str, int] | None,
                  *, instance_id: str, timeout: float = 60.0) -> tuple[RestoredCopy, LazyPages]:
     """Restore a (lazily) checkpointed build at once, its memory fetched on demand.
@@ -180,6 +195,13 @@ def _stdio_keys(inst: RestoredCopy) -> dict[str, str]:
     return keys
 
 
+def _control_pipes(inst: RestoredCopy) -> dict[str, int]:
+    """The pipe inodes of the copy's control channel, if it kept one (keyed as a build's are)."""
+    if inst.ctl_w is None or inst.ctl_r is None:
+        return {}
+    return {"ctl_in": os.fstat(inst.ctl_w).st_ino, "ctl_out": os.fstat(inst.ctl_r).st_ino}
+
+
 def _source_manifest(inst: RestoredCopy, dest: Store | Path) -> Manifest | None:
     """The manifest of the build inst was restored from, when dest is the store that holds it."""
     if isinstance(dest, Store):
@@ -203,7 +225,7 @@ def _manifest(inst: RestoredCopy, criu: Criu, keys: dict[str, str], source: Mani
         "criu_version": str(criu.version()),
         "kernel": platform.release(),
         "arch": platform.machine(),
-        "pipes": {},               # no control channel: the fork keeps the original's identity
+        "pipes": {},               # no identity hand-over: the fork keeps the original's identity
         "stdio_keys": keys,
         "forked_from": {"template": inst.template, "build_id": inst.build_id,
                         "instance": inst.id},

@@ -12,7 +12,9 @@ of the node left: a live copy whose pid still runs with the recorded start time 
 a warm copy is killed (its control channel died with the old node, so it can never be handed out);
 anything else (dead copies, dirs of restores that were in flight) is killed and its dir removed.
 A dir whose owner is another running process (`pool restore`, another node on the same run dir)
-is not ours and is left alone.
+is not ours and is left alone. Fork mode: a zygote is recorded as a warm copy (so it is ended) and a
+forked copy with its zygote's id; a forked copy is never adopted again, whatever its state (its
+zygote, ended at recovery, takes it along: see pool/copies/zygote.py).
 """
 from __future__ import annotations
 
@@ -51,16 +53,20 @@ class Record:
     path: str = "restore"
     created: float = 0.0
     hostname: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env_keys: list[str] = field(default_factory=list)  # names only: values may be secrets
     args: list[str] = field(default_factory=list)
+    owner: int | None = None        # uid that spawned it (pool.cluster.access)
+    zygote_id: str | None = None    # fork mode: the zygote it was forked from
 
     @classmethod
     def of(cls, inst, node: str, state: str = WARM, handed_at: float | None = None) -> "Record":
+        if inst.start_time is None:  # read once per copy: a spawn's record reads no file
+            inst.start_time = start_time(inst.pid) or 0
         return cls(id=inst.id, template=inst.template, build_id=inst.build_id, pid=inst.pid,
-                   start_time=start_time(inst.pid) or 0, node=node, state=state, port=inst.port,
+                   start_time=inst.start_time, node=node, state=state, port=inst.port,
                    address=inst.address, handed_at=handed_at, path=inst.path,
-                   created=inst.created, hostname=inst.hostname, env=dict(inst.env),
-                   args=list(inst.args))
+                   created=inst.created, hostname=inst.hostname, env_keys=list(inst.env_keys),
+                   args=list(inst.args), owner=inst.owner, zygote_id=inst.zygote_id)
 
 
 def start_time(pid: int) -> int | None:
@@ -77,9 +83,13 @@ def start_time(pid: int) -> int | None:
 def write(run_dir: Path, record: Record) -> None:
     """Write the record atomically: a crash leaves the old record or the new one, never half."""
     tmp = run_dir / f".{RECORD}.tmp"
+    data = memoryview(json.dumps(asdict(record)).encode())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f)
+    try:
+        while data:  # one open and a write: a spawn's record is on its path
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
     os.replace(tmp, run_dir / RECORD)
 
 
@@ -92,6 +102,8 @@ def read(run_dir: Path) -> Record | None:
     """The dir's record, or None if it has none or it is not a valid one."""
     try:
         data = json.loads((run_dir / RECORD).read_text())
+        if isinstance(data, dict) and isinstance(data.get("env"), dict):  # written before env_keys
+            data["env_keys"] = sorted(data.pop("env"))
         rec = Record(**data)
     except (OSError, ValueError, TypeError):
         return None
@@ -136,7 +148,7 @@ def recover(instances_dir: Path, node: str) -> Recovery:
         rec = read(d)
         if (rec.node != node) if rec is not None else _owner_alive(d):
             continue  # another node's, or a running `pool restore`'s
-        if rec is not None and rec.state == LIVE and still_running(rec):
+        if rec is not None and rec.state == LIVE and rec.zygote_id is None and still_running(rec):
             out.live.append((d, rec))
             continue
         pids = held.get(d.name, set())
@@ -196,8 +208,8 @@ def reopen(run_dir: Path, rec: Record):
         raise ProcessLookupError(rec.pid, f"pid {rec.pid} is another process now")
     return RestoredCopy(id=rec.id, template=rec.template, build_id=rec.build_id, pid=rec.pid,
                     pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False, port=rec.port,
-                    created=rec.created, state="running", path=rec.path, env=rec.env,
-                    args=rec.args, hostname=rec.hostname)
+                   created=rec.created, state="running", path=rec.path, env_keys=rec.env_keys,
+                   args=rec.args, hostname=rec.hostname, owner=rec.owner, start_time=rec.start_time)
 
 
 def host_port(address: str | None) -> int:

@@ -13,18 +13,22 @@ import contextlib
 import os
 import secrets
 import signal
+import stat
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from pool.copies import restore_chain
 from pool.copies.restored import RestoredCopy
-from pool.cr import netns
+from pool.cr import cgroups, netns
+from pool.cr.cgroups import Limits
 from pool.cr.criu import Criu, become_subreaper
 from pool.errors import CriuFailed, Incompatible, RestoreError
-from pool.templates import compat
+from pool.templates import compat, workingset
 from pool.templates.store import Store, Template
+from pool.templates.workingset import Run
 from pool.wire import control
 from pool.wire.control import Identity
 
@@ -37,15 +41,22 @@ class Restorer:
     """Restores templates from one store on this node. Thread-safe; restores may run concurrently."""
 
     def __init__(self, store: Store, criu: Criu, run_dir: Path, *, restore_timeout: float = 60.0,
-                 verify: bool = True) -> None:
+                 verify: bool = True,
+                 on_step: Callable[[str, float], None] | None = None,
+                 copy_limits: Limits = Limits()) -> None:
+        """on_step(step name, seconds) is called after every step of every restore (a metric).
+        Every copy gets a cgroup of its own: its template's [limits], unset ones copy_limits."""
         self.store = store
+        self.on_step = on_step
         self.criu = criu
         self.instances_dir = Path(run_dir) / "instances"
         self.restore_timeout = restore_timeout
         self.verify = verify
+        self.copy_limits = copy_limits
         self._checked: set[str] = set()  # build ids known compatible and intact on this node
         self._lock = threading.Lock()
         self._ghost_locks: dict[str, threading.Lock] = {}  # build id -> lock (see _one_at_a_time)
+        self._working_sets: dict[str, list[Run] | None] = {}  # build id -> its working set
         become_subreaper()  # every copy becomes our child, to reap and to count
 
     # -- is this image fit to restore here? ----------------------------------------------------------
@@ -59,11 +70,13 @@ class Restorer:
                                template=template.name) from e
 
     def prepare(self, name: str) -> Template:
-        """The template's current build, checked once per build id (sha256 of every file)."""
+        """The template's current build, checked once per build id (sha256 of every file; an
+        encrypted store's are checked as the build is decrypted into RAM, Store.readable)."""
         template = self.store.get(name)
         if template.build_id not in self._checked:
-            self.check_compatible(template)
-            if self.verify:
+            with self.store.readable(template) as plain:
+                self.check_compatible(plain)
+            if self.verify and not self.store.encrypted:
                 template.verify(full=True)
             with self._lock:
                 self._checked.add(template.build_id)
@@ -89,11 +102,24 @@ class Restorer:
         template = self.prepare(name)
         iid = instance_id or new_instance_id()
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        job = restore_chain.RestoreJob(
-            template=template, instance_id=iid, criu=self.criu, timeout=self.restore_timeout,
-            run_dir=self.instances_dir / f"{iid}.{secrets.token_hex(4)}",
-            criu_lock=self._one_at_a_time(template))
-        return restore_chain.run(job, restore_chain.EAGER)
+        lazy = template.manifest.restore_method == "lazy"
+        with self.store.readable(template) as plain:  # the image CRIU reads (RAM if encrypted)
+            job = restore_chain.RestoreJob(
+                template=plain, instance_id=iid, criu=self.criu, timeout=self.restore_timeout,
+                run_dir=self.instances_dir / f"{iid}.{secrets.token_hex(4)}",
+                criu_lock=self._one_at_a_time(template), on_step=self.on_step,
+                working_set=self._working_set(plain) if lazy else None,
+                confine=True, cgroups=cgroups.node_hierarchy(), default_limits=self.copy_limits)
+            return restore_chain.run(job, restore_chain.LAZY_LOCAL if lazy else restore_chain.EAGER)
+
+    def _working_set(self, template: Template) -> list[Run] | None:
+        """The build's recorded working set, read once per build (TemplateCorrupt if unreadable;
+        None if the build has none: the lazy restore then fetches nothing first)."""
+        if template.build_id not in self._working_sets:
+            runs = workingset.read(template.image_dir, template.name)
+            with self._lock:
+                self._working_sets[template.build_id] = runs
+        return self._working_sets[template.build_id]
 
     # -- the identity ----------------------------------------------------------------------------------
     def hand_over(self, inst: RestoredCopy, identity: Identity, timeout: float | None = None) -> None:
@@ -164,13 +190,21 @@ def _accept_ack(inst: RestoredCopy, identity: Identity, reply: dict) -> None:
         raise RestoreError(HANDOVER, f"the copy's after_restore failed: {reply.get('message')}")
     if reply["type"] != "ack" or reply.get("instance_id") != identity.instance_id:
         raise RestoreError(HANDOVER, f"unexpected reply {reply!r:.120}")
+    if "checkpoint" in (reply.get("serves") or ()) and _pipes(inst.ctl_w, inst.ctl_r):
+        return  # kept: the app runs its checkpoint hooks when told (pool/node/live.py)
     for name in ("ctl_w", "ctl_r"):  # the channel's job is done; do not hold fds per copy
         os.close(getattr(inst, name))
         setattr(inst, name, None)
 
 
+def _pipes(*fds: int) -> bool:
+    """Pipes, not a fork-mode child's socket (a snapshot keys its channel by pipe inodes)."""
+    return all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in fds)
+
+
 def _record(inst: RestoredCopy, identity: Identity) -> None:
-    inst.env, inst.args, inst.hostname = dict(identity.env), list(identity.args), identity.hostname
+    # the env's values may be secrets: the copy has them, the service keeps only their names
+    inst.env_keys, inst.args, inst.hostname = sorted(identity.env), list(identity.args), identity.hostname
     inst.state = "running"
 
 

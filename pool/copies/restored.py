@@ -4,6 +4,10 @@ record; the client's handle on a copy is pool.Instance, and both call its id the
 The copy's PID 1 (tini) is our child (we are a child subreaper), so we reap it and keep its exit
 status. A pidfd pins the process: signals never reach a recycled pid, and readiness of the pidfd
 tells that the copy has exited (usable from a select loop or asyncio's add_reader).
+
+A copy confined to a cgroup (pool/cr/cgroups.py) owns it: when the copy is reaped, its cgroup's
+OOM-kill counter says whether the kernel killed it for its memory limit (oom_killed), and the
+group is removed.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Any
 import psutil
 
 from pool import fds
-from pool.cr import criu
+from pool.cr import cgroups, criu
+from pool.cr.cgroups import CopyCgroup
 
 STREAMS = ("stdout", "stderr")
 PAGE = 4096
@@ -53,15 +58,20 @@ class RestoredCopy:
     restore_s: float = 0.0
     created: float = field(default_factory=time.time)
     state: str = "warm"            # warm -> running -> exited | failed
-    path: str = "restore"          # which path served the spawn: warm | restore
+    path: str = "restore"          # which path served the spawn: warm | restore | fork
     exit_status: int | None = None
     ctl_w: int | None = None       # pool -> app, until the identity is handed over
     ctl_r: int | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env_keys: list[str] = field(default_factory=list)  # its spawn env's names: values are secrets
     args: list[str] = field(default_factory=list)
     hostname: str | None = None
+    owner: int | None = None       # uid that spawned it on the unix socket (None: over TCP, or warm)
     identity_timeout: float = 10.0     # the template's restore.identity_timeout
     hostname_pattern: str | None = None  # the template's restore.hostname ("{id}": instance id)
+    zygote_id: str | None = None   # fork mode: the zygote it was forked from (pool/copies/zygote.py)
+    start_time: int | None = None  # its PID 1's start (/proc/PID/stat field 22), once the journal read it
+    cgroup: CopyCgroup | None = None   # its own cgroup, removed once it is reaped
+    oom_killed: bool = False           # the kernel killed a process of it for its memory limit
 
     # -- life -------------------------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -79,9 +89,14 @@ class RestoredCopy:
             return None
         self.exit_status = os.waitstatus_to_exitcode(status)
         criu.disown(self.pid)
+        self._end_cgroup()
         if self.state != "failed":
             self.state = "exited"
         return self.exit_status
+
+    def exit_cause(self) -> str | None:
+        """Why it ended, when that is not its own doing nor ours (a forked copy's zygote died)."""
+        return None
 
     def wait(self, timeout: float | None = None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -119,9 +134,18 @@ class RestoredCopy:
                     os.close(fd)
                 setattr(self, name, None if name.startswith("ctl") else -1)
 
+    def _end_cgroup(self) -> None:
+        """Read whether the OOM killer struck, then remove the group (idempotent)."""
+        group, self.cgroup = self.cgroup, None
+        if group is not None:
+            self.oom_killed = group.oom_kills() > 0
+            cgroups.remove_quietly(group)
+
     def close(self) -> None:
-        """Release fds and delete the copy's private files. The copy must have exited."""
+        """Release fds and delete the copy's private files (and its cgroup). The copy must have
+        exited."""
         self.release_fds()
+        self._end_cgroup()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- output -----------------------------------------------------------------------------------
@@ -186,7 +210,8 @@ class RestoredCopy:
 
     # -- figures ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """RSS, PSS and CPU seconds summed over the copy's processes."""
+        """RSS, PSS and CPU seconds summed over the copy's processes; the memory charged to its
+        cgroup (what its memory limit counts: its pages and page cache) and that limit."""
         rss = pss = 0
         cpu = 0.0
         procs = 0
@@ -200,14 +225,17 @@ class RestoredCopy:
                     t = p.cpu_times()
                     cpu += t.user + t.system
                     procs += 1
-        return {"rss_bytes": rss, "pss_bytes": pss, "cpu_s": round(cpu, 3), "processes": procs}
+        group = self.cgroup
+        return {"rss_bytes": rss, "pss_bytes": pss, "cpu_s": round(cpu, 3), "processes": procs,
+                "memory_bytes": group.memory_bytes() if group else None,
+                "memory_limit_bytes": group.memory_limit() if group else None}
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "template": self.template, "build_id": self.build_id,
                 "pid": self.pid, "state": self.state, "path": self.path, "address": self.address,
                 "port": self.port, "exit_status": self.exit_status, "created": self.created,
                 "restore_s": round(self.restore_s, 6), "hostname": self.hostname,
-                "args": self.args, "env": self.env}
+                "args": self.args, "env_keys": self.env_keys, "owner": self.owner}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -81,6 +81,10 @@ class RestoreOptions:
     log_level: int = 2
     # Memory comes on demand from a lazy-pages daemon (see lazy_pages) listening in log_dir.
     lazy_pages: bool = False
+    # Called with the pid of the CRIU that will restore, before it is asked to: the restored tree
+    # is forked by it, so moving it into the copy's cgroup here charges the copy's memory there
+    # from its first page (pool/cr/cgroups.py, docs/limits.md).
+    before_restore: Callable[[int], None] | None = None
 
 
 def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -103,6 +107,10 @@ def _import_pycriu():
 
 class Criu:
     """One CRIU binary. Methods are blocking and safe to call from several threads at once."""
+
+    # Mutual TLS for lazy pages over TCP (the page server and the lazy-pages daemon): anything with
+    # ca, cert, key paths and criu_args() (pool.wire.tls.TlsFiles); None: plain TCP.
+    page_server_tls: Any = None
 
     def __init__(self, binary: str | os.PathLike[str]) -> None:
         self.binary = str(binary)
@@ -296,6 +304,10 @@ class Criu:
                     o.lazy_pages = True
                     if opts.page_server is not None:
                         o.ps.address, o.ps.port = opts.page_server
+                        if self.page_server_tls is not None:  # CA checked, not the name: see criu_args
+                            tls = self.page_server_tls
+                            o.tls, o.tls_no_cn_verify = True, True
+                            o.tls_cacert, o.tls_cert, o.tls_key = str(tls.ca), str(tls.cert), str(tls.key)
                 if status_fd is not None:
                     o.status_fd = status_fd  # CRIU opens /proc/OURPID/fd/N and writes once ready
                 self._call("dump", lambda c: c.dump(), client, proc, timeout, log_path)
@@ -319,6 +331,12 @@ class Criu:
             os.set_inheritable(fd, True)  # else CRIU says "Can't fstat inherit fd"
         try:
             with self._swrk((img_fd, log_fd, *opts.inherit_fds.values())) as (client, proc):
+                if opts.before_restore is not None:
+                    try:
+                        opts.before_restore(proc.pid)
+                    except BaseException:
+                        proc.kill()  # it waits for a request that will not come
+                        raise
                 o = client.opts
                 o.images_dir_fd = img_fd
                 o.work_dir_fd = log_fd
@@ -329,6 +347,9 @@ class Criu:
                 o.tcp_close = opts.tcp_close
                 o.rst_sibling = opts.rst_sibling
                 o.lazy_pages = opts.lazy_pages
+                # The tree stays in CRIU's own cgroup (the copy's: before_restore): never moved
+                # into the cgroup it was dumped from (a running copy's, when it is forked).
+                o.manage_cgroups_mode = 0  # criu_cg_mode.IGNORE
                 for key, fd in opts.inherit_fds.items():
                     o.inherit_fd.add(key=key, fd=fd)
                 resp = self._call("restore", lambda c: c.restore(), client, proc, timeout, log_path)
@@ -367,18 +388,23 @@ class Criu:
 
     def lazy_pages(self, images_dir: Path, work_dir: Path, *,
                    page_server: tuple[str, int] | None = None,
-                   ready_timeout: float = 30.0) -> "LazyPages":
+                   ready_timeout: float = 30.0, log_faults: bool = True) -> "LazyPages":
         """Start `criu lazy-pages` for one restore from images_dir (no RPC exists for it).
 
         It listens on work_dir/lazy-pages.socket, so the lazy restore must use the same work_dir
         (our restore uses log_dir). With page_server it fetches pages from a lazy dump's page
         server, else it reads them from the images' pages files. It exits once every page is in.
+        log_faults: log at -v4, which names every page the copy faulted on (see faulted_pages);
+        without it the daemon logs errors only and spends no time on a line per page copied.
         """
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         args = [self.binary, "lazy-pages", "-D", str(images_dir), "-W", str(work_dir),
-                "-o", "lazy-pages.log", "-v4", "--status-fd", str(ready_w)]
+                "-o", "lazy-pages.log", "-v4" if log_faults else "-v1",
+                "--status-fd", str(ready_w)]
         if page_server is not None:
             args += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
+            if self.page_server_tls is not None:
+                args += self.page_server_tls.criu_args()
         try:
             proc = subprocess.Popen(args, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -502,6 +528,39 @@ class LazyPages:
     def log_tail(self) -> str:
         return _read_tail(self.log_path)
 
+    def failed(self) -> str | None:
+        """Why the daemon ended before its job was done (None: still running, or all pages in)."""
+        rc = self.proc.poll()
+        if rc is None or rc == 0:
+            return None
+        return f"the lazy-pages daemon exited with status {rc}"
+
+    def watch(self, timeout: float, on_failure) -> threading.Thread:
+        """Reap the daemon in the background: it ends once every page is in, or once the copy it
+        feeds has exited. If it dies first, or is still running after timeout seconds (then it is
+        killed), on_failure(why) is called: the copy's memory can no longer be trusted (a dead
+        daemon's missing pages would read as zeros)."""
+        def reap() -> None:
+            try:
+                self.wait(timeout)
+            except (CriuTimeout, CriuFailed) as e:
+                on_failure(e.message)
+
+        thread = threading.Thread(target=reap, name="criu-lazy-pages", daemon=True)
+        thread.start()
+        return thread
+
+
+_FAULT_RE = re.compile(r"(\d+)-\d+: #PF at 0x([0-9a-f]+)")
+
+
+def faulted_pages(log_text: str) -> list[tuple[int, int]]:
+    """(pid, page address) for every page a lazily restored tree faulted on, in order, from the
+    lazy-pages daemon's -v4 log ("uffd: PID-UFFD: #PF at 0xADDR", CRIU 4.x criu/uffd.c; PID is
+    the process's pid inside the restored tree's namespace, the same in every restore). Pages the
+    daemon pushed in the background before the copy touched them are not there."""
+    return [(int(m.group(1)), int(m.group(2), 16)) for m in _FAULT_RE.finditer(log_text)]
+
 
 def _wait_status(fd: int, timeout: float, ended) -> bool:
     """Wait for CRIU's status-fd byte; False on timeout or once ended() says the writer is gone."""
@@ -514,6 +573,19 @@ def _wait_status(fd: int, timeout: float, ended) -> bool:
             return os.read(fd, 1) == b"\0"  # EOF: CRIU closed it without saying ready
         if ended() is not None:
             return False
+
+
+def read_dump_stats(images_dir: Path) -> dict[str, int]:
+    """What CRIU measured of a dump (its stats-dump image): freezing_time, frozen_time (how long
+    the tree was frozen), memdump_time, memwrite_time in microseconds, pages_*; {} if unreadable."""
+    pycriu = _import_pycriu()
+    try:
+        with open(images_dir / "stats-dump", "rb") as f:
+            entry = pycriu.images.load(f)["entries"][0]
+    except (OSError, KeyError, IndexError, ValueError, pycriu.images.MagicException):
+        return {}
+    return {k: int(v) for k, v in (entry.get("dump") or {}).items()
+            if isinstance(v, (int, str)) and str(v).isdigit()}
 
 
 def become_subreaper() -> None:

@@ -5,6 +5,12 @@ pid namespace (so every copy restores into a new one without PID collisions), le
 (CRIU dumps the session with the tree), tini reaping orphans and forwarding signals (a bare app as PID 1
 ignores SIGTERM). Never `unshare --kill-child`: its PDEATHSIG would kill every restored copy when CRIU
 exits. The network namespace has only loopback, brought up before the app starts.
+
+With a RunAs (template `user`), tini runs `setpriv` and setpriv the app: the app and everything it
+starts run with that uid/gid, no capabilities (effective, permitted, inheritable, ambient, bounding)
+and no_new_privs. CRIU restores those credentials from the image, so every copy runs so too. tini
+stays root: to dump a pid namespace CRIU's parasite in its init mounts a proc of that namespace,
+which needs root there (docs/security.md, "Confinement"); tini runs nothing but the app.
 """
 from __future__ import annotations
 
@@ -66,6 +72,23 @@ class OutputTail:
                 if left <= 0:
                     return False
                 self._cond.wait(left)
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user an app runs as (template `user`)."""
+
+    uid: int
+    gid: int
+    name: str | None = None        # an account: its supplementary groups come along
+    home: str | None = None
+
+    def setpriv_argv(self) -> list[str]:
+        """setpriv's arguments to become this user with no privilege left to regain."""
+        groups = ["--init-groups"] if self.name else ["--clear-groups"]
+        return [_tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.gid}", *groups,
+                "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+                "--no-new-privs", "--"]
 
 
 @dataclass
@@ -164,17 +187,23 @@ def _drain(fd: int, tail: OutputTail, echo) -> None:
         tail.add(buf.decode(errors="replace"))
 
 
+def resolve_command(exe: str, cwd: Path, path: str) -> str:
+    """The file exe runs: a path (relative to cwd) or looked up in PATH. FileNotFoundError if none."""
+    resolved = os.path.join(cwd, exe) if "/" in exe else shutil.which(exe, path=path)
+    if resolved is None or not os.path.exists(resolved):
+        raise FileNotFoundError(f"command not found: {exe!r} (PATH={path})")
+    return resolved
+
+
 def boot(command: list[str], *, cwd: Path, env: dict[str, str], sdk: bool,
-         echo=None) -> BootedApp:
-    """Start command in fresh pid/net/uts/ipc namespaces under tini; returns once PID 1 exists.
+         echo=None, user: RunAs | None = None) -> BootedApp:
+    """Start command in fresh pid/net/uts/ipc namespaces under tini (as user, if given); returns
+    once PID 1 exists.
 
     Raises FileNotFoundError/PermissionError naming the command when it cannot be executed.
     """
-    exe = command[0]
-    resolved = exe if "/" in exe else shutil.which(exe, path=env.get("PATH"))
-    if resolved is None or ("/" in exe and not os.path.exists(os.path.join(cwd, exe))):
-        raise FileNotFoundError(f"command not found: {exe!r} (PATH={env.get('PATH', '')})")
-    if not os.access(os.path.join(cwd, resolved), os.X_OK):
+    resolved = resolve_command(command[0], cwd, env.get("PATH", ""))
+    if not os.access(resolved, os.X_OK):
         raise PermissionError(f"command is not executable: {resolved}")
 
     stdout, stderr = Pipe.make(app_reads=False), Pipe.make(app_reads=False)
@@ -184,7 +213,9 @@ def boot(command: list[str], *, cwd: Path, env: dict[str, str], sdk: bool,
     env = dict(env)
     if sdk:
         env[control.ENV_VAR] = f"{ctl_in.theirs},{ctl_out.theirs}"
-    script = f'{_tool("ip")} link set lo up && exec {_tool("setsid")} {_tool("tini")} -g -s -- "$@"'
+    drop = " ".join(user.setpriv_argv()) + " " if user is not None else ""
+    script = (f'{_tool("ip")} link set lo up && '
+              f'exec {_tool("setsid")} {_tool("tini")} -g -s -- {drop}"$@"')
     argv = [_tool("unshare"), "--pid", "--net", "--uts", "--ipc", "--fork", "--",
             "/bin/sh", "-c", script, "pool-app", *command]
     try:

@@ -20,6 +20,8 @@ from pool.node.faults import handover_counts_against_template
 from pool.node.table import Copy, CopyState
 from pool.node.warm import FAILED, KILLED
 from pool.templates.compat import node_facts
+from pool.wire.replies import (CopyInfo, LogChunk, NodeStats, PoolFigures, Pong, SpawnReply,
+                               TemplateInfo)
 
 if TYPE_CHECKING:  # the runtime composes the API: a type only, no import cycle at run time
     from pool.node.runtime import NodeRuntime
@@ -52,10 +54,12 @@ class NodeApi:
         if self.rt.draining:
             raise ShuttingDown(f"node {self.rt.name} is shutting down", node=self.rt.name)
 
-    def describe(self, c: Copy) -> dict:
+    def describe(self, c: Copy) -> CopyInfo:
         d = c.inst.describe()
         d.update(node=self.rt.name, exited_at=c.exited_at,
-                 end_cause=c.cause if c.exited else None)
+                 end_cause=c.cause if c.exited else None, restarts=c.restarts)
+        if c.crash_loop:
+            d["crash_loop"] = True
         if c.handed_out and not c.exited:
             d["uptime_s"] = round(self.rt.supervisor.clock() - c.handed_at, 3)
             if c.proxy is not None:
@@ -63,11 +67,12 @@ class NodeApi:
         return d
 
     # -- the methods ----------------------------------------------------------------------------------
-    async def rpc_ping(self) -> dict:
+    async def rpc_ping(self) -> Pong:
         return {"pong": True, "pid": os.getpid(), "node": self.rt.name, "draining": self.rt.draining}
 
     async def rpc_spawn(self, template: str, env: dict, args: list, timeout: float,
-                        node: str | None = None, hostname: str | None = None) -> dict:
+                        node: str | None = None, hostname: str | None = None,
+                        owner: int | None = None) -> SpawnReply:
         rt, metrics = self.rt, self.rt.metrics
         t0 = time.perf_counter()
         self._refuse_if_draining()
@@ -75,6 +80,7 @@ class NodeApi:
             pool = rt.pools.get(template)
             if pool.unbuilt:  # published a moment ago (a shipped template), before the next tick
                 rt.pools.notice_build(template, pool)
+            env = {**rt.pools.secrets.values(template), **env}  # the template's secrets, if any
         except PoolError as e:
             metrics.spawn_failed(template if template in rt.pools.by_name else "", e.code)
             raise
@@ -86,6 +92,7 @@ class NodeApi:
                 metrics.spawn_failed(template, e.code)
                 raise
             c = rt.table.get(inst.id)
+            inst.owner = owner
             await self._hand_over(c, template, env, args, hostname,
                                   max(1.0, timeout - (time.perf_counter() - t0)))
             rt.handed(c, path)
@@ -122,36 +129,36 @@ class NodeApi:
                 inst.close()
             sup.handover_ended()
 
-    async def rpc_kill(self, id: str, grace: float) -> dict:  # noqa: A002
+    async def rpc_kill(self, id: str, grace: float) -> CopyInfo:  # noqa: A002
         c = self.rt.find(id)
         if not c.exited:
             self.rt.supervisor.kill(c, grace, KILLED)
             await asyncio.wait_for(asyncio.shield(c.done), grace + KILL_SLACK_S)
         return self.describe(c)
 
-    async def rpc_wait(self, id: str, timeout: float | None) -> dict:  # noqa: A002
+    async def rpc_wait(self, id: str, timeout: float | None) -> CopyInfo:  # noqa: A002
         c = self.rt.find(id)
         if not c.exited:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(c.done), timeout)
         return self.describe(c)
 
-    async def rpc_list(self, template: str | None) -> list:
+    async def rpc_list(self, template: str | None) -> list[CopyInfo]:
         return [self.describe(c) for c in self.rt.table.handed_out(template)]
 
-    async def rpc_info(self, id: str) -> dict:  # noqa: A002
+    async def rpc_info(self, id: str) -> CopyInfo:  # noqa: A002
         c = self.rt.find(id)
         d = self.describe(c)
         if not c.exited:
             d["stats"] = c.inst.stats()
         return d
 
-    async def rpc_logs(self, id: str, stream: str, offset: int, limit: int) -> dict:  # noqa: A002
+    async def rpc_logs(self, id: str, stream: str, offset: int, limit: int) -> LogChunk:  # noqa: A002
         c = self.rt.find(id)
         data, end, lost = c.inst.read_log_from(stream, offset, min(limit, MAX_LOG_CHUNK))
         return {"data": data, "offset": end, "exited": c.exited, "rotated_away": lost}
 
-    async def rpc_templates(self) -> list:
+    async def rpc_templates(self) -> list[TemplateInfo]:
         out = []
         for t in self.rt.store.all():
             m = t.manifest
@@ -161,14 +168,18 @@ class NodeApi:
                         "pool": pool.snapshot() if pool else None, "node": self.rt.name})
         return out
 
-    async def rpc_stats(self) -> dict:
+    async def rpc_stats(self) -> NodeStats:
         rt = self.rt
         return {"node": rt.name, "store": str(rt.settings.store), "draining": rt.draining,
                 "spawns_in_flight": self.inflight, "live": rt.table.live_count(),
                 "copies": len(rt.table), "exited_kept": len(rt.table.history),
-                "templates": rt.pools.snapshots()}
+                "templates": rt.pools.snapshots(), "snapshots": self._snapshot_totals()}
 
-    async def rpc_set_warm(self, template: str, min_warm: int) -> dict:
+    def _snapshot_totals(self) -> dict:
+        count, size = self.rt.live.snapshots.totals()
+        return {"count": count, "bytes": size}
+
+    async def rpc_set_warm(self, template: str, min_warm: int) -> PoolFigures:
         rt = self.rt
         if rt.pools.winding_down:
             raise ShuttingDown(f"node {rt.name} is shutting down", node=rt.name)

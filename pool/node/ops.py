@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pool.copies import fork
 from pool.copies.restore import new_instance_id
@@ -70,12 +70,18 @@ class _OneTemplate:
 
 
 class NodeOps:
-    METHODS = ("fetch_template", "fork_checkpoint", "fork_release", "fork_restore")
+    METHODS = ("fetch_template", "fork_checkpoint", "fork_release", "fork_restore",
+               # running instances (pool/node/live.py)
+               "checkpoint", "snapshots", "rollback", "suspend", "resume",
+               "migrate_out", "migrate_in", "migrate_done")
 
-    def __init__(self, runtime: NodeRuntime, *, host: str, token: str | None = None) -> None:
+    def __init__(self, runtime: NodeRuntime, *, host: str, token: str | None = None,
+                 tls: Any = None) -> None:
         self.runtime = runtime
         self.host = host            # where this node's fork sources and page servers listen
         self.token = token          # this node's own token: presented to a coordinator's source
+        self.tls = tls              # pool.wire.tls.TlsFiles: every TCP link and the page server
+        runtime.criu.page_server_tls = tls
         self._forks: dict[str, _ForkSource] = {}
 
     async def handle(self, method: str, params: dict) -> Any:
@@ -97,10 +103,16 @@ class NodeOps:
 
     # -- templates ----------------------------------------------------------------------------------
     async def rpc_fetch_template(self, name: str, source: str, build_id: str | None = None,
-                                 token: str | None = None, timeout: float = 600.0) -> dict:
-        """Pull a template from a TemplateSource into this node's store (verified, atomic)."""
+                                 token: str | None = None, timeout: float = 600.0,
+                                 source_name: str | None = None) -> dict:
+        """Pull a template from a TemplateSource into this node's store (verified, atomic); over
+        TLS the source's certificate must name source_name."""
+        if self.tls is not None and not source_name:
+            raise BadRequest("source_name (the source's node name) is needed over TLS",
+                             param="source_name")
         r = await transfer.fetch(self.store, name, parse_address(source, "source"),
-                                 token=token or self.token, facts=node_facts(self.criu),
+                                 token=token or self.token, tls=self.tls, server_name=source_name,
+                                 facts=node_facts(self.criu),
                                  build_id=build_id, timeout=timeout)
         log.info("fetched %s (build %s) from %s: %d files, %.1f MB on the wire in %.2fs%s", name,
                  r.template.build_id, source, r.files_sent, r.bytes_wire / 2**20, r.seconds,
@@ -109,6 +121,110 @@ class NodeOps:
                 "files_reused": r.files_reused, "bytes_raw": r.bytes_raw,
                 "bytes_wire": r.bytes_wire, "codec": r.codec, "seconds": round(r.seconds, 4),
                 "already_current": r.already_current}
+
+    # -- running instances: pool/node/live.py ---------------------------------------------------------
+    async def rpc_checkpoint(self, id: str, tag: str | None = None, keep: bool = False,  # noqa: A002
+                             timeout: float = 120.0) -> dict:
+        return await self.runtime.live.checkpoint(id, tag, keep, timeout)
+
+    async def rpc_snapshots(self, id: str) -> list:  # noqa: A002
+        return self.runtime.live.list(id)
+
+    async def rpc_rollback(self, id: str, snapshot: str | None = None,  # noqa: A002
+                           timeout: float = 60.0) -> dict:
+        return await self.runtime.live.rollback(id, snapshot, timeout)
+
+    async def rpc_suspend(self, id: str, timeout: float = 120.0) -> dict:  # noqa: A002
+        return await self.runtime.live.suspend(id, timeout)
+
+    async def rpc_resume(self, id: str, timeout: float = 60.0) -> dict:  # noqa: A002
+        return await self.runtime.live.resume(id, timeout)
+
+    # -- migration: pool/node/live.py keeps the instance; here its snapshot is shipped -------------
+    async def rpc_migrate_out(self, id: str, lazy: bool = False,  # noqa: A002
+                              timeout: float = 120.0) -> dict:
+        """Source: checkpoint the instance, end its process and serve its snapshot to the target
+        (a one-off TemplateSource, as a fork's). Lazy: the small images, and the memory from a
+        page server, the process frozen here until the target has it all."""
+        live = self.runtime.live
+        page_server = freeze_ms = ck = build_dir = None
+        if lazy:
+            forks = Path(self.runtime.settings.run_dir) / "forks"
+            forks.mkdir(parents=True, exist_ok=True, mode=0o700)
+            build_dir = forks / f"{id}.migrate.{secrets.token_hex(3)}"
+            page_server = (self.host, _free_port(self.host))
+            ck = await live.migrate_out_lazy(id, build_dir, page_server, LAZY_PAGES_TIMEOUT)
+            template = ck.template
+        else:
+            snap = await live.migrate_out(id, timeout)
+            template, freeze_ms = snap.template, snap.freeze_ms
+        token = secrets.token_urlsafe(24)
+        self._forks[template.name] = _ForkSource(   # registered first: migrate_done releases it
+            template.name, transfer.TemplateSource(_OneTemplate(template), tokens={token}, tls=self.tls),
+            lazy=ck, build_dir=build_dir)
+        try:
+            host, port = await self._forks[template.name].source.start(self.host, 0)
+        except BaseException:
+            await self.rpc_migrate_done(id, moved=False, template=template.name)
+            raise
+        inst = self.runtime.find(id).inst
+        return {"template": template.name, "build_id": template.build_id,
+                "source": f"{host}:{port}", "token": token,
+                "source_name": self.tls.name if self.tls is not None else None,
+                "page_server": f"{page_server[0]}:{page_server[1]}" if page_server else None,
+                "image_bytes": template.image_bytes, "freeze_ms": freeze_ms,
+                "instance": {"template": inst.template, "hostname": inst.hostname,
+                             "owner": inst.owner, "env_keys": inst.env_keys, "args": inst.args,
+                             "created": inst.created}}
+
+    async def rpc_migrate_done(self, id: str, moved: bool, template: str,  # noqa: A002
+                               timeout: float = 60.0) -> dict:
+        """Source: stop serving the snapshot; end the instance here (moved) or resume it."""
+        await self.rpc_fork_release(template, abort=not moved)
+        await self.runtime.live.migrate_done(id, moved, timeout)
+        return {"id": id, "moved": moved}
+
+    async def rpc_migrate_in(self, id: str, template: str, source: str, build_id: str,  # noqa: A002
+                             token: str, instance: dict, timeout: float = 60.0,
+                             source_name: str | None = None,
+                             page_server: str | None = None) -> dict:
+        """Target: fetch the snapshot and restore it as instance id (its id, identity and
+        owner kept); the fetched build is removed once restored (lazy: once every page is in)."""
+        rt = self.runtime
+        t0 = time.perf_counter()
+        if rt.table.get(id) is not None:
+            raise BadRequest(f"instance {id} already runs on node {rt.name}", param="id", id=id)
+        await self.rpc_fetch_template(template, source, build_id, token, timeout, source_name)
+        if page_server is not None:
+            r = await self._restore_lazy(template, parse_address(page_server, "page_server"),
+                                         instance.get("hostname"), timeout, iid=id)
+            c = rt.find(id)
+            c.inst.owner = instance.get("owner")
+            c.inst.env_keys = list(instance.get("env_keys") or [])
+            c.inst.args = list(instance.get("args") or [])
+            c.inst.template = r["template"] = instance.get("template") or template
+            rt.write_journal(c)
+            return {**r, "path": "migrated"}
+        try:
+            t = self.store.get(template)
+            rt.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            run_dir = rt.instances_dir / f"{id}.{secrets.token_hex(4)}"
+            inst = await rt.run_blocking(lambda: fork.restore_copy(t, self.criu, run_dir,
+                                                                   instance_id=id, timeout=timeout))
+            hostname = instance.get("hostname")
+            name_or_end(inst, hostname)
+            inst.state, inst.hostname, inst.owner = "running", hostname, instance.get("owner")
+            inst.env_keys, inst.args = list(instance.get("env_keys") or []), list(instance.get("args") or [])
+            c = await rt.adopt_handed(inst, template, "migrated")
+            inst.template = instance.get("template") or template  # as the source knew it
+            rt.write_journal(c)
+            await rt.live.after_restore(inst)
+        finally:
+            with contextlib.suppress(PoolError, OSError):
+                self.store.remove(template)  # the process has its memory now
+        return {"id": id, "template": instance.get("template") or template, "pid": inst.pid,
+                "address": inst.address, "path": "migrated", "node": rt.name,
+                "spawn_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     # -- fork, source side --------------------------------------------------------------------------
     async def rpc_fork_checkpoint(self, id: str, lazy: bool = False,  # noqa: A002
@@ -130,7 +246,7 @@ class NodeOps:
                 lambda: fork.checkpoint_instance(inst, self.store, self.criu, name=name,
                                                  source_manifest=source_manifest,
                                                  timeout=timeout))
-            src = transfer.TemplateSource(self.store, tokens={token})
+            src = transfer.TemplateSource(self.store, tokens={token}, tls=self.tls)
             entry = _ForkSource(name, src)
             page_server = None
         else:
@@ -144,7 +260,7 @@ class NodeOps:
                                                       source_manifest=source_manifest,
                                                       timeout=LAZY_PAGES_TIMEOUT))
             template = ck.template
-            src = transfer.TemplateSource(_OneTemplate(template), tokens={token})
+            src = transfer.TemplateSource(_OneTemplate(template), tokens={token}, tls=self.tls)
             entry = _ForkSource(name, src, lazy=ck, build_dir=build_dir)
         old = self._forks.pop(name, None)
         if old is not None:
@@ -159,6 +275,7 @@ class NodeOps:
             FORK_SOURCE_TTL, lambda: self._spawn_task(self.rpc_fork_release(name, abort=True)))
         return {"template": name, "build_id": template.build_id, "source": f"{host}:{port}",
                 "token": token, "image_bytes": template.image_bytes,
+                "source_name": self.tls.name if self.tls is not None else None,
                 "page_server": f"{page_server[0]}:{page_server[1]}" if page_server else None,
                 "forked_from": {"id": inst.id, "template": inst.template, "node": self.runtime.name}}
 
@@ -203,9 +320,10 @@ class NodeOps:
     # -- fork, target side --------------------------------------------------------------------------
     async def rpc_fork_restore(self, template: str, source: str, build_id: str, token: str,
                                page_server: str | None = None, hostname: str | None = None,
-                               timeout: float = 60.0) -> dict:
+                               timeout: float = 60.0, source_name: str | None = None) -> dict:
         """Fetch a forked build and restore one copy of it with a fresh instance id."""
-        fetched = await self.rpc_fetch_template(template, source, build_id, token, timeout)
+        fetched = await self.rpc_fetch_template(template, source, build_id, token, timeout,
+                                                source_name)
         if page_server is None:
             r = await self.runtime.api.rpc_spawn(template, {}, [], timeout, hostname=hostname)
         else:
@@ -214,25 +332,19 @@ class NodeOps:
         return r
 
     async def _restore_lazy(self, name: str, page_server: tuple[str, int],
-                            hostname: str | None, timeout: float) -> dict:
+                            hostname: str | None, timeout: float, iid: str | None = None) -> dict:
         rt = self.runtime
         t0 = time.perf_counter()
         template = self.store.get(name)
-        iid = new_instance_id()
+        iid = iid or new_instance_id()
         rt.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         run_dir = rt.instances_dir / f"{iid}.lazy"
 
         def restore():
-            inst, daemon = fork.restore_lazy(template, self.criu, run_dir, page_server,
-                                        instance_id=iid, timeout=timeout)
-            try:
-                if hostname:
-                    netns.set_hostname(f"/proc/{inst.pid}/ns/uts", hostname)
-            except OSError as e:
-                inst.kill(grace=0)
-                inst.close()
-                daemon.kill()
-                raise RestoreError("setting the hostname", str(e)) from e
+            with self.store.readable(template) as plain:  # encrypted store: its RAM plaintext
+                inst, daemon = fork.restore_lazy(plain, self.criu, run_dir, page_server,
+                                                 instance_id=iid, timeout=timeout)
+            name_or_end(inst, hostname, daemon.kill)
             return inst, daemon
 
         inst, daemon = await rt.run_blocking(restore)
@@ -251,6 +363,20 @@ class NodeOps:
         return {"id": iid, "template": name, "pid": inst.pid, "address": inst.address,
                 "path": "lazy", "node": rt.name,
                 "spawn_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+
+def name_or_end(inst, hostname: str | None, *also: Callable[[], Any]) -> None:
+    """Give a just restored copy its hostname; if that fails, end it (and what serves it, also)."""
+    if not hostname:
+        return
+    try:
+        netns.set_hostname(f"/proc/{inst.pid}/ns/uts", hostname)
+    except OSError as e:
+        inst.kill(grace=0)
+        inst.close()
+        for end in also:
+            end()
+        raise RestoreError("setting the hostname", str(e)) from e
 
 
 def _free_port(host: str) -> int:

@@ -1,7 +1,12 @@
 """The node's warm pools, one per template, made on first use and wired to the restorer: a pool's
-restore() is a CRIU restore in the node's executor, its discard() a kill through the supervisor.
-Also: noticing builds published to (or removed from) the store, and restores cancelled while a
-worker thread was already running them (their copies are discarded once made)."""
+restore() is a CRIU restore in the node's executor (for a fork-mode template, `[restore] method =
+"fork"`: a fork from the template's zygote, pool/copies/zygote.py), its discard() a kill through the
+supervisor. Also: noticing builds published to (or removed from) the store, restores cancelled while
+a worker thread was already running them (their copies are discarded once made), and the zygotes:
+watched by their pidfd, reaped when they die (the next fork restores a new one), each counted as
+one copy against the node's capacity. An encrypted store's builds are decrypted into RAM for
+restores (Store.readable): a replaced build's plaintext is dropped, and all of it when the node
+stops."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +15,11 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from pool.copies.zygote import Zygote, Zygotes
 from pool.errors import PoolError, ShuttingDown, TemplateNotFound
+from pool.node.demand import MemoryBudget
 from pool.node.prefault import prefault_code
+from pool.node.secrets import SecretEnv
 from pool.node.settings import NodeSettings
 from pool.node.supervisor import Supervisor
 from pool.node.table import Copy, CopyTable
@@ -39,6 +47,11 @@ class TemplatePools:
         self.closed = False                      # the node is shutting down: no new pools
         self.winding_down = False                # refills stopped
         self._orphans = 0                        # cancelled restores still running in a thread
+        self.secrets = SecretEnv()               # each template's secret env, as of its build
+        self.methods: dict[str, str] = {}        # template -> its current build's restore method
+        self.zygotes = Zygotes(restorer, node, on_start=lambda z: self._loop.call_soon_threadsafe(
+            self._watch_zygote, z))
+        self.memory = MemoryBudget(settings.memory_budget)  # shared by the pools' targets
 
     def get(self, name: str, must_exist: bool = True) -> WarmPool:
         """name's pool, made on first use; a configured template not built yet gets an unbuilt pool
@@ -50,7 +63,11 @@ class TemplatePools:
             raise ShuttingDown(f"node {self.node} is shutting down", node=self.node)
         image_bytes = None
         try:
-            image_bytes = self.restorer.store.get(name).image_bytes
+            template = self.restorer.store.get(name)
+            image_bytes = template.image_bytes
+            self.secrets.load(name, template.manifest.spec)
+            self.methods[name] = template.manifest.restore_method
+            self.memory.set_copy_bytes(name, template.manifest.rss_bytes or image_bytes)
         except TemplateNotFound:
             if must_exist:
                 raise
@@ -67,7 +84,7 @@ class TemplatePools:
                         request_refill=lambda: self.supervisor.request_refill(name),
                         quarantine_after=cfg.quarantine_after, early_death_s=cfg.early_death_s,
                         node_room=self.room, build_of=lambda inst: inst.build_id, build=build,
-                        unbuilt=build is None)
+                        unbuilt=build is None, miss_path=self._miss_path(name), memory=self.memory)
         self.by_name[name] = pool
         if self.winding_down:
             pool.begin_drain()
@@ -78,17 +95,26 @@ class TemplatePools:
         self.supervisor.request_refill(name)
         return pool
 
+    def _miss_path(self, name: str) -> str:
+        """The reply's path for a copy made on a miss: "fork" or "restore"."""
+        return "fork" if self.methods.get(name) == "fork" else "restore"
+
     def room(self) -> int:
-        """Copies the node may still add (a cancelled restore still running counts too)."""
+        """Copies the node may still add (a cancelled restore still running counts too, and so
+        does each zygote: it holds the template's memory, which its forks share)."""
         restoring = sum(p.restoring for p in self.by_name.values())
-        return self.table.room(restoring + self._orphans)
+        return self.table.room(restoring + self._orphans + self.zygotes.count())
 
     def warm_elsewhere(self, template: str) -> int:
         """The min_warm of every pool but template's."""
         return sum(p.settings.min_warm for n, p in self.by_name.items() if n != template)
 
     def snapshots(self) -> dict[str, dict]:
-        return {n: p.snapshot() for n, p in sorted(self.by_name.items())}
+        out = {n: p.snapshot() for n, p in sorted(self.by_name.items())}
+        for n, snap in out.items():
+            if self.methods.get(n) == "fork":
+                snap["zygote"] = self.zygotes.describe(n)
+        return out
 
     def begin_drain(self) -> int:
         """No refills but for spawns already waiting; returns the restores cancelled."""
@@ -97,6 +123,7 @@ class TemplatePools:
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.by_name.values()))
+        self.restorer.store.close()  # decrypted builds leave RAM (a restore in flight: once done)
 
     # -- ticks: outcomes, backoffs, builds ------------------------------------------------------------
     def tick(self) -> None:
@@ -114,14 +141,22 @@ class TemplatePools:
             return
         if build == pool.build:
             return
+        self.zygotes.retire(name)  # forks of the new build come from a zygote of it
+        self.restorer.store.drop_readable(name, keep_build=build)  # old plaintext leaves RAM
         if build is None:
             log.info("template %s: its build was removed from the store", name)
             pool.build_removed()
+            self.secrets.forget(name)
             return
         log.info("template %s: build %s published; using it", name, build)
+        with contextlib.suppress(PoolError, OSError):  # else the next restore says what is wrong
+            template = self.restorer.store.get(name)
+            self.methods[name] = template.manifest.restore_method
+            self.secrets.load(name, template.manifest.spec)
+            pool.miss_path = self._miss_path(name)
+            self.metrics.image_bytes.labels(name).set(template.image_bytes)
+            self.memory.set_copy_bytes(name, template.manifest.rss_bytes or template.image_bytes)
         pool.new_build(build)
-        with contextlib.suppress(PoolError, OSError):  # only a metric
-            self.metrics.image_bytes.labels(name).set(self.restorer.store.get(name).image_bytes)
 
     # -- restores -------------------------------------------------------------------------------------
     async def _restore_copy(self, name: str):
@@ -152,7 +187,8 @@ class TemplatePools:
         await self._loop.run_in_executor(self._executor, prefault_code, pid)
 
     async def _restore_in_thread(self, name: str):
-        job = self._executor.submit(self.restorer.restore, name)
+        make = self.zygotes.fork if self.methods.get(name) == "fork" else self.restorer.restore
+        job = self._executor.submit(make, name)
         try:
             return await asyncio.shield(asyncio.wrap_future(job))
         except asyncio.CancelledError:
@@ -181,3 +217,37 @@ class TemplatePools:
         c = self.table.get(inst.id)
         if c is not None:
             self.supervisor.kill(c, 0, KILLED)
+
+    # -- zygotes --------------------------------------------------------------------------------------
+    def _watch_zygote(self, z: Zygote) -> None:
+        fd = z.copy.pidfd
+
+        def ready() -> None:
+            self._loop.remove_reader(fd)
+            self._reap_zygote(z)
+        self._loop.add_reader(fd, ready)
+
+    def _reap_zygote(self, z: Zygote) -> None:
+        if z.copy.exit_status is not None and z not in self.zygotes.all:
+            return  # closed at stop meanwhile
+        status = z.reap()
+        if status is None:  # a readable pidfd means exited; reapable a moment later
+            self._loop.call_later(0.01, self._reap_zygote, z)
+            return
+        self.zygotes.ended(z)
+        if z.killed:
+            log.info("template %s: zygote %s (pid %d) ended", z.template.name, z.id, z.pid)
+        else:
+            log.warning("template %s: zygote %s (pid %d) died with status %s; its forked copies "
+                        "ended with it; the next fork restores a new zygote", z.template.name,
+                        z.id, z.pid, status)
+        if z.template.name in self.by_name:  # its room changed; a min_warm may want a new zygote
+            self.supervisor.request_refill(z.template.name)
+
+    async def close_zygotes(self, leave_children: bool) -> None:
+        """At stop, once the copies are reaped: end the zygotes (or leave those whose forked
+        copies are left running)."""
+        for z in list(self.zygotes.all):
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(z.copy.pidfd)
+        await asyncio.to_thread(self.zygotes.close, leave_children)

@@ -29,12 +29,12 @@ from pool.copies.restore import Restorer
 from pool.cr.criu import Criu
 from pool.errors import RestoreError
 from pool.node.api import NodeApi
+from pool.node.live import LiveOps
 from pool.node.pools import TemplatePools
 from pool.node.settings import NodeSettings
 from pool.node.supervisor import Supervisor, close_proxy
 from pool.node.table import Copy, CopyState, CopyTable
 from pool.node.warm import FAILED, WarmPool
-from pool.templates.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class NodeRuntime:
         self.supervisor: Supervisor | None = None
         self.pools: TemplatePools | None = None
         self.api: NodeApi | None = None
+        self.live: LiveOps | None = None      # running instances: checkpoint, rollback, suspend
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -66,25 +67,33 @@ class NodeRuntime:
         cfg = self.settings
         self._loop = asyncio.get_running_loop()
         if self.restorer is None:
-            self.restorer = Restorer(Store(cfg.store), Criu.locate(), cfg.run_dir,
-                                     restore_timeout=cfg.restore_timeout)
+            self.restorer = Restorer(cfg.open_store(), Criu.locate(), cfg.run_dir,
+                                     restore_timeout=cfg.restore_timeout,
+                                     copy_limits=cfg.copy_limits)
         # before any restore of ours starts: what a previous life left in the run dir
         found = journal.recover(self.restorer.instances_dir, self.name)
         self._executor = ThreadPoolExecutor(cfg.restore_concurrency, thread_name_prefix="restore")
         self.supervisor = Supervisor(self.table, {}, self.metrics, kill_grace=cfg.kill_grace,
                                      max_log_bytes=cfg.max_log_bytes,
-                                     on_tick=lambda: self.pools.tick())
+                                     on_tick=self._tick)
         self.pools = TemplatePools(self.name, cfg, self.restorer, self.table, self.supervisor,
                                    self.metrics, self._executor, self.adopt)
         self.api = NodeApi(self)
+        self.live = LiveOps(self)
+        self.supervisor.on_crash, self.supervisor.on_idle = self.live.on_crash, self.live.on_idle
         self.metrics.watch_node(self.name, lambda: cfg.capacity, self.free)
         self.supervisor.start()
         for name in cfg.templates:
             self.pools.get(name, must_exist=False)
         adopted = [await self._adopt_again(run_dir, rec) for run_dir, rec in found.live]
+        self.live.clean_snapshots({rec.id for _, rec in found.live})
         if found.live or found.removed:
             log.info("recovered from a previous run: %d live copies adopted again, %d copies or "
                      "restores killed, %d dirs removed", sum(adopted), found.killed, found.removed)
+
+    def _tick(self) -> None:
+        self.pools.tick()
+        self.live.tick()
 
     async def _adopt_again(self, run_dir, rec: journal.Record) -> bool:
         """Watch and publish again a live copy a previous life of this node handed out."""
@@ -120,7 +129,7 @@ class NodeRuntime:
                 c.proxy = None
                 self.supervisor.kill(c, 0, FAILED)
                 raise RestoreError("publishing the copy's port", str(e)) from e
-        self._journal(c)
+        self.write_journal(c)
         return c
 
     async def adopt_handed(self, inst, template: str, path: str, on_end=None) -> Copy:
@@ -136,9 +145,12 @@ class NodeRuntime:
         c.handed_at = self.supervisor.clock() - since
         if c.state in (CopyState.WARM, CopyState.HANDING_OVER):
             c.move(CopyState.LIVE)
-        self._journal(c)
+        self.write_journal(c)
 
-    def _journal(self, c: Copy) -> None:
+    def forget_journal(self, inst) -> None:
+        journal.forget(inst.run_dir)
+
+    def write_journal(self, c: Copy) -> None:
         if not c.watched:
             return
         handed = None if c.handed_at is None else \
@@ -219,6 +231,8 @@ class NodeRuntime:
             if self.table.watched():  # still ours (a restore that finished late): kill, reap
                 self.end_live(force=True)
                 await until(self.supervisor.all_reaped(), 10, None)
+            if self.pools is not None:  # after the copies: a zygote's death would end its forks
+                await self.pools.close_zygotes(leave_children=self.settings.on_shutdown == "leave")
             await self.supervisor.stop()
         for c in self.table:  # left running (or unkillable): release our side only
             await close_proxy(c)

@@ -10,6 +10,11 @@ which would steal exit statuses from subprocess/CRIU.
 Kill policy: SIGTERM, then SIGKILL after the grace (0: SIGKILL now); a second kill of a copy already
 SIGKILLed sends SIGKILL again. A copy being handed over is SIGKILLed at once (it never started).
 Whether an exit was early (a bad outcome for its template) is the pool's to judge (warm.WarmPool).
+
+Out of memory: a copy that ended by itself after the kernel's OOM killer struck in its cgroup
+(RestoredCopy.oom_killed) ends with cause OOM. A handed-out copy that outgrew its memory limit says
+nothing bad about its template (it is not quarantined for it); a warm copy that did is a bad
+outcome, as any warm copy dying by itself (the template does not fit its limit).
 """
 from __future__ import annotations
 
@@ -23,13 +28,15 @@ from typing import Any, Callable
 from pool.copies import journal
 from pool.cr import criu
 from pool.node.table import Copy, CopyState, CopyTable
-from pool.node.warm import FAILED, KILLED, WarmPool
+from pool.node.warm import EXITED, FAILED, KILLED, WarmPool
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 SWEEP_TICKS = 4            # every second: rotate copies' logs, look for stray children
 REAP_RETRY_S = 0.01        # a readable pidfd means exited; reapable a moment later
+OOM = "oom"                # end cause: the kernel killed it for its cgroup's memory limit
+ASLEEP = ("suspended", "restarting", "migrating")   # a live instance without a process (pool/node/live.py)
 
 
 class Supervisor:
@@ -61,6 +68,10 @@ class Supervisor:
         self._deferred_refills: set[str] = set()
         self._ticks = 0
         self._strays_seen: set[int] = set()
+        # running instances (pool/node/live.py) set these: a copy that died by itself is
+        # restarted (True: taken care of), an idle one suspended (True) rather than killed
+        self.on_crash: Callable[[Copy], bool] = lambda c: False
+        self.on_idle: Callable[[Copy], bool] = lambda c: False
 
     # -- life -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,7 +99,7 @@ class Supervisor:
             try:
                 kind = event[0]
                 if kind == "exited":
-                    self.reap(event[1])
+                    self.reap(event[1], event[2] if len(event) > 2 else None)
                 elif kind == "refill":
                     self._refill(event[1])
                 elif kind == "tick":
@@ -102,13 +113,23 @@ class Supervisor:
             self._events.put_nowait(("tick",))
 
     def watch(self, c: Copy) -> None:
-        """Enqueue c's exit when its pidfd becomes readable."""
-        fd = c.inst.pidfd
+        """Enqueue c's exit when its pidfd becomes readable. The event names the process: once a
+        rollback or restart has put another one under c, the old one's exit is not c's."""
+        fd, pid = c.inst.pidfd, c.inst.pid
 
         def ready() -> None:
             self._loop.remove_reader(fd)
-            self._events.put_nowait(("exited", c))
+            self._events.put_nowait(("exited", c, pid))
         self._loop.add_reader(fd, ready)
+
+    def unwatch(self, c: Copy) -> None:
+        """Stop watching c's process (it is about to be replaced or suspended by us)."""
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(c.inst.pidfd)
+
+    def exited(self, c: Copy) -> None:
+        """c's process is known to have exited (while unwatched): reap it as usual."""
+        self._events.put_nowait(("exited", c, c.inst.pid))
 
     def request_refill(self, template: str) -> None:
         self._events.put_nowait(("refill", template))
@@ -132,26 +153,43 @@ class Supervisor:
             self._deferred_refills.clear()
 
     # -- reaping --------------------------------------------------------------------------------------
-    def reap(self, c: Copy) -> None:
-        """c's pidfd was readable: collect its status, tell its pool, retire it."""
-        if c.exited:
+    def reap(self, c: Copy, pid: int | None = None) -> None:
+        """c's pidfd was readable: collect its status, tell its pool, retire it (or, restart =
+        "on-failure", have it restarted: on_crash)."""
+        if c.exited or (pid is not None and pid != c.inst.pid):
             return
         inst = c.inst
         status = inst.poll()
         if status is None:
-            self._call_later(REAP_RETRY_S, self._events.put_nowait, ("exited", c))
+            self._call_later(REAP_RETRY_S, self._events.put_nowait, ("exited", c, inst.pid))
             return
         if c.kill_timer is not None:
             c.kill_timer.cancel()
+        if c.cause == EXITED:  # not ended by us: maybe by something beyond it (its zygote)
+            c.cause = inst.exit_cause() or EXITED
+        if c.cause == EXITED and c.state is CopyState.LIVE and self.on_crash(c):
+            return  # being restored from its last checkpoint: same Copy, a new process
+        self.retire(c, status)
+
+    def retire(self, c: Copy, status: int | None) -> None:
+        """c has ended (reaped, or suspended and killed): tell its pool, release it."""
+        inst = c.inst
         if c.cause == FAILED:
             inst.state = "failed"
+        elif inst.state in ASLEEP:
+            inst.state = "exited"
+        if c.cause == EXITED and inst.oom_killed:
+            c.cause = OOM
         handing_over = c.state is CopyState.HANDING_OVER
         c.move(CopyState.EXITED)
         c.exited_at = time.time()
         detail = f"a copy exited with status {status} " + (
             "while warm" if not c.handed_out else
             f"{self.clock() - c.handed_at:.2f}s after its spawn")
-        c.pool.exited(inst, c.cause, detail)
+        if c.cause == OOM:
+            detail = f"out of memory: {detail}"
+        # the pool judges causes it knows: a warm copy killed for memory died by itself
+        c.pool.exited(inst, EXITED if c.cause == OOM and not c.handed_out else c.cause, detail)
         self.metrics.exited(inst.template, c.cause)
         journal.forget(inst.run_dir)
         self.background(close_proxy(c))
@@ -171,12 +209,16 @@ class Supervisor:
 
     # -- the kill policy ------------------------------------------------------------------------------
     def kill(self, c: Copy, grace: float, cause: str) -> None:
-        """SIGTERM then SIGKILL after grace (0: SIGKILL now); reap() collects it."""
+        """SIGTERM then SIGKILL after grace (0: SIGKILL now); reap() collects it. A copy without a
+        process (suspended, or its restart failed) ends at once."""
         if not c.watched:
             return
         if c.cause != FAILED:
             c.cause = cause
         inst = c.inst
+        if inst.exit_status is not None and c.state is CopyState.LIVE:
+            self.retire(c, inst.exit_status)
+            return
         if c.state is CopyState.HANDING_OVER:
             inst.signal(signal.SIGKILL)
             return
@@ -221,9 +263,11 @@ class Supervisor:
             if s.ttl and now - c.handed_at >= s.ttl:
                 log.info("instance %s: ttl of %gs reached", c.inst.id, s.ttl)
                 self.kill(c, self.kill_grace, KILLED)
-            elif s.idle_timeout and c.proxy is not None and self.idle_s(c, now) >= s.idle_timeout:
+            elif s.idle_timeout and c.proxy is not None and c.inst.state not in ASLEEP \
+                    and self.idle_s(c, now) >= s.idle_timeout:
                 log.info("instance %s: idle for %gs", c.inst.id, s.idle_timeout)
-                self.kill(c, self.kill_grace, KILLED)
+                if not self.on_idle(c):
+                    self.kill(c, self.kill_grace, KILLED)
 
     def idle_s(self, c: Copy, now: float | None = None) -> float:
         """Seconds since the last traffic through c's port (or since its spawn, if none since).

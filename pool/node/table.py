@@ -61,6 +61,8 @@ class Copy:
     kill_timer: Any = None                 # the SIGKILL scheduled after a grace
     exited_at: float | None = None         # wall time it was reaped
     on_end: Callable[[], Any] | None = None  # run once it is reaped (e.g. a lazy daemon's kill)
+    restarts: int = 0                      # restored after it died (restart = "on-failure")
+    crash_loop: bool = False               # died too often to be restarted again
 
     def move(self, to: CopyState) -> None:
         if to not in TRANSITIONS[self.state]:

@@ -1,5 +1,6 @@
-"""Per-template warm pools: keep min_warm restored copies waiting, cap warm + live at max_live, and
-quarantine a template whose copies keep failing.
+"""Per-template warm pools: keep restored copies waiting (at least min_warm, more while spawns arrive
+faster than refills can follow), cap warm + live at max_live, and quarantine a template whose copies
+keep failing.
 
 Pure pool logic, no CRIU and no processes: a WarmPool is given a `restore()` coroutine that makes one
 warm copy (any object), a `discard(copy)` callback that gets rid of one it no longer wants, and a
@@ -16,6 +17,12 @@ room under max_live; otherwise it waits until a copy exits, and fails with NoCap
 
 Room. A pool has room for max_live copies, and no more than its node has left (`node_room`, the
 node's capacity minus the copies of all its pools): a spawn beyond either waits, then NoCapacity.
+
+Target. The copies a pool keeps ready (warm or restoring) follow demand (pool/node/demand.py): every
+spawn is an arrival, every refill's duration a sample, and the target is what the spawns expected
+within one refill need, never below min_warm (the floor), never above max_warm (default max_live),
+the room, or the node's memory budget. Spawns already waiting add one each. tick() trims warm copies
+beyond a target that has decayed, once spawns have paused for TRIM_AFTER_QUIET_S. Hits are spawns served warm, misses those that waited.
 
 Quarantine. Each copy has one outcome. Bad: its restore failed because of the template, it died by
 itself while warm, it failed its identity hand-over (the node says whether that was the template's
@@ -44,10 +51,12 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from pool.errors import (BadRequest, NoCapacity, PoolError, PoolTimeout, Quarantined, ShuttingDown,
                          TemplateNotFound)
+from pool.node.demand import Demand, MemoryBudget
 from pool.node.faults import counts_against_template, describe
 
 T = TypeVar("T")
 
+TRIM_AFTER_QUIET_S = 5.0  # copies beyond the target are let go once no spawn came for this long
 EXITED = "exited"   # the copy ended by itself
 KILLED = "killed"   # we ended it (client kill, ttl, idle, discard, shutdown): never a failure
 FAILED = "failed"   # its identity hand-over failed
@@ -55,8 +64,9 @@ FAILED = "failed"   # its identity hand-over failed
 
 @dataclass(frozen=True)
 class WarmSettings:
-    min_warm: int = 0             # copies to keep restored and waiting
+    min_warm: int = 0             # copies to keep restored and waiting, at least (the floor)
     max_live: int = 32            # cap on restoring + warm + live copies
+    max_warm: int | None = None   # cap on the demand-following target (None: max_live; <= min_warm: fixed)
     ttl: float = 0.0              # seconds a handed-out copy may live (0: no limit); service enforces
     idle_timeout: float = 0.0     # seconds without traffic through its port (0: no limit); service
 
@@ -69,7 +79,8 @@ class WarmPool(Generic[T]):
                  early_death_s: float = 2.0, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                  node_room: Callable[[], int] | None = None,
                  build_of: Callable[[T], str | None] = lambda copy: None,
-                 build: str | None = None, unbuilt: bool = False) -> None:
+                 build: str | None = None, unbuilt: bool = False,
+                 miss_path: str = "restore", memory: MemoryBudget | None = None) -> None:
         self.name = name
         self.settings = settings
         self._restore = restore
@@ -86,6 +97,9 @@ class WarmPool(Generic[T]):
         self._build_of = build_of
         self.build = build                         # the build new restores make
         self.unbuilt = unbuilt                     # the store has no build of it (yet)
+        self.miss_path = miss_path                 # a miss's path: "restore", or "fork" (fork mode)
+        self.demand = Demand(clock)
+        self._memory = memory
 
         self._warm: deque[T] = deque()
         self._live: dict[int, T] = {}             # id(copy) -> copy
@@ -102,7 +116,7 @@ class WarmPool(Generic[T]):
         self._not_before = 0.0                      # no restore before this time (after a failure)
         self._closing = False
         self._draining = False
-        self.handed_out = {"warm": 0, "restore": 0}
+        self.handed_out = {"warm": 0, miss_path: 0}
         self.restores = 0
         self.restore_failures = 0
 
@@ -135,7 +149,10 @@ class WarmPool(Generic[T]):
         s = self.settings
         return {"min_warm": s.min_warm, "max_live": s.max_live, "ttl": s.ttl,
                 "idle_timeout": s.idle_timeout, "warm": self.warm, "live": self.live,
-                "target": self.target, "restoring": self.restoring, "dying": len(self._dying),
+                "max_warm": self.ceiling, "target": self.target, "hits": self.hits,
+                "misses": self.misses, "demand_per_s": round(self.demand.rate(), 3),
+                "refill_ms": round(self.demand.refill_s * 1000, 3),
+                "restoring": self.restoring, "dying": len(self._dying),
                 "waiting": self.waiting,
                 "quarantined": self.quarantined, "failures_in_a_row": self.failures,
                 "unbuilt": self.unbuilt, "build": self.build,
@@ -147,6 +164,7 @@ class WarmPool(Generic[T]):
         """A copy for one spawn and the path that served it ("warm" or "restore"). The copy counts as
         live from now on; tell the pool when it ends (exited)."""
         self._check_usable()
+        self.demand.arrived()
         if self._warm:
             copy = self._warm.popleft()
             self._hand_out(copy, "warm")
@@ -165,7 +183,7 @@ class WarmPool(Generic[T]):
         except asyncio.CancelledError:
             self._drop_waiter(fut)
             raise
-        return copy, "restore"
+        return copy, self.miss_path
 
     def _check_usable(self) -> None:
         if self._closing:
@@ -180,7 +198,8 @@ class WarmPool(Generic[T]):
                               last_error=self.last_error)
 
     def _timeout_error(self, timeout: float) -> PoolError:
-        if self.settings.max_live - self.total() <= 0:
+        # copies restoring (for demand or other spawns) do not make a pool full: they come warm
+        if self.settings.max_live - len(self._live) - len(self._dying) <= 0:
             return NoCapacity(f"template {self.name!r}: all {self.settings.max_live} copies are in "
                               f"use; none freed up within {timeout:g} s", template=self.name,
                               max_live=self.settings.max_live, timeout=timeout)
@@ -197,7 +216,7 @@ class WarmPool(Generic[T]):
             copy = fut.result()
             self._live.pop(id(copy), None)
             self._on_probation.pop(id(copy), None)
-            self.handed_out["restore"] -= 1
+            self.handed_out[self.miss_path] -= 1
             self._warm.appendleft(copy)
         elif not fut.done():
             fut.cancel()
@@ -210,7 +229,7 @@ class WarmPool(Generic[T]):
     def _hand_out(self, copy: T, path: str) -> None:
         self._live[id(copy)] = copy
         self._on_probation[id(copy)] = self._clock()
-        self.handed_out[path] += 1
+        self.handed_out[path] = self.handed_out.get(path, 0) + 1
         self._on_change()
         self._request_refill()
 
@@ -225,15 +244,42 @@ class WarmPool(Generic[T]):
             if fut.done():
                 continue
             fut.set_result(copy)
-            self._hand_out(copy, "restore")
+            self._hand_out(copy, self.miss_path)
             return True
         return False
 
     # -- refilling --------------------------------------------------------------------------------
     @property
+    def hits(self) -> int:
+        """Spawns served by a warm copy."""
+        return self.handed_out["warm"]
+
+    @property
+    def misses(self) -> int:
+        """Spawns that waited for a copy to be made."""
+        return sum(self.handed_out.values()) - self.handed_out["warm"]
+
+    @property
+    def ceiling(self) -> int:
+        """The most copies demand may keep ready: max_warm, within max_live, never below min_warm."""
+        s = self.settings
+        top = s.max_live if s.max_warm is None else s.max_warm
+        return min(s.max_live, max(s.min_warm, top))
+
+    @property
     def target(self) -> int:
-        """Copies wanted restored or restoring: min_warm (none once draining) plus the waiters."""
-        return (0 if self._draining else self.settings.min_warm) + self.waiting
+        """Copies wanted warm or restoring: what demand asks (pool/node/demand.py) between min_warm
+        and the ceiling, within the memory budget (none once draining), plus the waiting spawns.
+        The room (max_live, the node's capacity) bounds the restores started for it (wanted())."""
+        floor = self.settings.min_warm
+        if self._draining:
+            ready = 0
+        else:
+            ceiling = self.ceiling
+            ready = max(floor, self.demand.wanted(ceiling)) if ceiling > floor else floor
+            if self._memory is not None:
+                ready = self._memory.cap(self.name, floor, ready)
+        return ready + self.waiting
 
     def wanted(self) -> int:
         """How many restores to start now: enough for the target, within the room, none while
@@ -267,6 +313,7 @@ class WarmPool(Generic[T]):
         return cancelled
 
     async def _restore_one(self) -> None:
+        started = self._clock()
         try:
             copy = await self._restore()
         except asyncio.CancelledError:
@@ -282,6 +329,7 @@ class WarmPool(Generic[T]):
         self._restoring -= 1
         self.restores += 1
         self.node_faults = 0
+        self.demand.refilled(self._clock() - started)
         if self._closing:
             self._discard_one(copy)
         elif not self._give_to_waiter(copy):
@@ -331,14 +379,27 @@ class WarmPool(Generic[T]):
         self._request_refill()
 
     def tick(self) -> None:
-        """Resolve copies that proved healthy; restart refills after a backoff."""
+        """Resolve copies that proved healthy; let go of copies beyond a target that decayed;
+        restart refills after a backoff."""
         now = self._clock()
         proven = [k for k, t in self._on_probation.items() if now - t >= self.early_death_s]
         for k in proven:
             del self._on_probation[k]
         if proven:
             self._good()
+        # Only once spawns have paused: while they come, copies above a target that wobbles (a
+        # refill-time sample) are used up by the next spawns; discarding them would be churn.
+        if self.demand.quiet_s() >= TRIM_AFTER_QUIET_S and self._trim():
+            self._on_change()
         self.refill()
+
+    def _trim(self) -> int:
+        """Discard the newest warm copies beyond the target, cancel restores beyond it."""
+        target, trimmed = self.target, 0
+        while len(self._warm) > target:
+            self._discard_one(self._warm.pop())
+            trimmed += 1
+        return trimmed + self._cancel_surplus()
 
     def _back_off(self, streak: int) -> None:
         self._not_before = self._clock() + min(self._max_backoff_s,
@@ -367,14 +428,12 @@ class WarmPool(Generic[T]):
 
     # -- control ----------------------------------------------------------------------------------
     def set_min_warm(self, n: int) -> None:
-        """New target (0..max_live); clears a quarantine. Warm copies beyond n are discarded and
-        restores beyond it cancelled."""
+        """New floor (0..max_live); clears a quarantine. Warm copies beyond the new target are
+        discarded and restores beyond it cancelled."""
         self.check_min_warm(n)
         self.settings = replace(self.settings, min_warm=n)
         self._clear_failures()
-        while len(self._warm) > n:
-            self._discard_one(self._warm.pop())
-        self._cancel_surplus()
+        self._trim()
         self._on_change()
         self._request_refill()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import re
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Callable
 from pool.cr import hints, netns, sandbox
 from pool.cr.criu import Criu, DumpOptions
 from pool.errors import BuildError, CriuError, CriuFailed
-from pool.templates import store
+from pool.templates import store, workingset
 from pool.templates.manifest import Manifest
 from pool.templates.spec import Spec
 from pool.wire.control import ControlError, read_frame
@@ -48,7 +49,9 @@ def app_environment(spec: Spec) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     if sys.prefix != sys.base_prefix and venv_bin not in path.split(os.pathsep):
         path = venv_bin + os.pathsep + path
-    env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"),
+    home = spec.user.home if spec.user is not None and spec.user.home else \
+        os.environ.get("HOME", "/root")  # an unprivileged app cannot read root's home
+    env = {"PATH": path, "HOME": home,
            "LANG": os.environ.get("LANG", "C.UTF-8"),
            "UV_USE_IO_URING": "0",  # CRIU cannot dump io_uring (Node's libuv uses it by default)
            "NODE_PATH": str(NODE_SDK_DIR)}
@@ -96,6 +99,7 @@ def _build(spec: Spec, st: store.Store, criu: Criu, progress: Progress, timeout:
         pipes = {"stdout": app.stdout.inode, "stderr": app.stderr.inode}
         if app.ctl_in is not None and app.ctl_out is not None:
             pipes.update(ctl_in=app.ctl_in.inode, ctl_out=app.ctl_out.inode)
+        working_set = _record_working_set(spec, image, criu, pipes, progress, timeout)
         manifest = {
             "build_id": store.new_build_id(),
             "spec": spec.to_dict(),
@@ -108,6 +112,7 @@ def _build(spec: Spec, st: store.Store, criu: Criu, progress: Progress, timeout:
             "boot_to_ready_s": round(boot_to_ready, 4),
             "warmup_s": round(warm_s, 4),
             "dump_s": round(dump_s, 4),
+            **working_set,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest["build_s"] = round(time.monotonic() - t0, 4)
@@ -116,6 +121,19 @@ def _build(spec: Spec, st: store.Store, criu: Criu, progress: Progress, timeout:
     progress(f"built {spec.name}: ready after {boot_to_ready:.2f}s, image "
              f"{template.image_bytes / 2**20:.1f} MB, dump {dump_s:.2f}s")
     return BuildResult(template)
+
+
+def _record_working_set(spec: Spec, image: Path, criu: Criu, pipes: dict[str, int],
+                        progress: Progress, timeout: float) -> dict[str, int]:
+    """Lazy templates: the pages a restored copy touches serving its warm-up, fetched first by
+    every lazy restore (pool/templates/workingset.py). Returns the manifest's figure for it."""
+    if spec.restore.method != "lazy":
+        return {}
+    progress("recording the working set (one trial lazy restore)")
+    runs = workingset.record(spec, image, criu, pipes, timeout=timeout)
+    pages = sum(r.pages for r in runs)
+    progress(f"working set: {pages} pages ({pages * workingset.PAGE / 2**20:.1f} MB)")
+    return {"working_set_pages": pages}
 
 
 def _checkpoint_failed(e: CriuFailed, app: sandbox.BootedApp) -> BuildError:
@@ -134,10 +152,64 @@ def _no_space_logged(log: str) -> int | None:
     return next((code for code in store.NO_SPACE if os.strerror(code) in log), None)
 
 
-def _boot(spec: Spec, echo) -> sandbox.BootedApp:
+def check_user_access(spec: Spec, env: dict[str, str]) -> None:
+    """With `user`, the files the app starts from must be usable by that user: its cwd (read and
+    enter), its program (execute) and the arguments naming files in cwd (read). BuildError naming
+    the first path that stops it (permission bits; ACLs are not read)."""
+    user = spec.user
+    if user is None:
+        return
+    gids = set(os.getgrouplist(user.name, user.gid)) if user.name else {user.gid}
+    who = f"uid {user.uid} gid {user.gid}" + (f" (user {user.name})" if user.name else "")
     try:
-        return sandbox.boot(list(spec.command), cwd=spec.cwd, env=app_environment(spec),
-                            sdk=spec.sdk, echo=echo)
+        exe = Path(sandbox.resolve_command(spec.command[0], spec.cwd, env.get("PATH", "")))
+    except FileNotFoundError as e:
+        raise BuildError("starting the app", str(e)) from e
+    needs = [(spec.cwd, os.R_OK | os.X_OK, "read and enter"), (exe, os.X_OK, "execute")]
+    needs += [(spec.cwd / a, os.R_OK, "read") for a in spec.command[1:]
+              if not a.startswith("-") and (spec.cwd / a).is_file()]
+    for path, want, verb in needs:
+        if (stop := _denied(path.resolve(), user.uid, gids, want)) is not None:
+            raise BuildError("checking the template's files",
+                             f"{who} cannot {verb} {path}: {stop}; give that user access "
+                             "(chmod/chown) or run as another user")
+
+    if not has_capability(CAP_SYS_RESOURCE):
+        raise BuildError("checking the template's user",
+                         f"user = {spec.user.name or spec.user.uid!r}: this node cannot checkpoint "
+                         "a process of another user: its root lacks CAP_SYS_RESOURCE (as in a "
+                         "container that drops it), which CRIU needs to read the app's rlimits "
+                         "(prlimit); run the service with root's full capability set, or leave "
+                         "user out")
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds capability number cap (CapEff of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    return bool(eff >> cap & 1)
+
+
+def _denied(path: Path, uid: int, gids: set[int], want: int) -> str | None:
+    """Why uid cannot reach path (search on every parent) and use it with want; None if it can."""
+    for d in [*reversed(path.parents), path]:
+        need = want if d == path else os.X_OK
+        st = d.stat()
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+        if (st.st_mode >> shift) & need != need:
+            return f"{d} is mode {stat.filemode(st.st_mode)} owned by {st.st_uid}:{st.st_gid}"
+    return None
+
+
+def _boot(spec: Spec, echo) -> sandbox.BootedApp:
+    env = app_environment(spec)
+    check_user_access(spec, env)
+    try:
+        return sandbox.boot(list(spec.command), cwd=spec.cwd, env=env,
+                            sdk=spec.sdk, echo=echo, user=spec.user)
     except (FileNotFoundError, PermissionError) as e:
         raise BuildError("starting the app", str(e)) from e
     except (ChildProcessError, TimeoutError) as e:
@@ -170,6 +242,7 @@ def _wait_ready(app: sandbox.BootedApp, spec: Spec, progress: Progress) -> float
             raise _not_ready(app, spec, f"control channel: {e}") from e
         if msg.get("type") != "ready":
             raise _not_ready(app, spec, f"expected a ready message, got {msg.get('type')!r}")
+        _check_can_fork(spec, msg, app)
     elif ready.mode == "stdout":
         pattern = re.compile(ready.value)
         while not app.output.wait_for(lambda ln: bool(pattern.search(ln)), ready.interval * 4):
@@ -192,6 +265,22 @@ def _wait_ready(app: sandbox.BootedApp, spec: Spec, progress: Progress) -> float
     took = time.monotonic() - app.started
     progress(f"ready after {took:.2f}s")
     return took
+
+
+FORKING_RUNTIMES = ("python",)  # SDK runtimes whose process can fork a copy of itself
+
+
+def _check_can_fork(spec: Spec, ready: dict, app: sandbox.BootedApp) -> None:
+    """[restore] method = "fork" needs an SDK runtime that can fork its running process."""
+    runtime = ready.get("runtime")
+    if spec.restore.method != "fork" or runtime in FORKING_RUNTIMES:
+        return
+    raise BuildError("checking the restore method",
+                     f'[restore] method = "fork" needs an SDK runtime that can fork a running '
+                     f"process ({', '.join(FORKING_RUNTIMES)}); this app's SDK runtime is "
+                     f"{runtime!r}: a JVM or a Node VM cannot be forked while it runs (only the "
+                     'forking thread survives a fork, and the VM needs its others); use method = '
+                     '"criu" or "lazy"', output_tail=app.output.text())
 
 
 def _probe_once(app: sandbox.BootedApp, spec: Spec) -> bool:

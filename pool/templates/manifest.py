@@ -86,6 +86,11 @@ class Manifest:
         return _section(self.spec, "restore")
 
     @property
+    def restore_method(self) -> str:
+        """How a node makes copies of this build: "criu", "fork" or "lazy" (spec [restore] method)."""
+        return str(self.restore_spec.get("method", "criu"))
+
+    @property
     def has_ghost_files(self) -> bool:
         """The app held a deleted file, recreated at its old path by each restore."""
         return any(f.startswith("ghost-file") for f in self.files)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pwd
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pool.cr.cgroups import Limits
+from pool.cr.sandbox import RunAs
 from pool.errors import SpecError, TemplateNotFound
 from pool.names import NAME_RULE, is_name
 from pool.tomlfields import Check, Table, at_least, load_toml, one_of, port, positive
@@ -31,12 +34,18 @@ HOST_MODE_PROBLEM = (
     'use "isolated" (each copy gets its own network namespace, its port published on 127.0.0.1)')
 
 _TOP_KEYS = ("name", "command", "cwd", "description", "env", "ready", "warmup", "network",
-             "checkpoint", "restore")
+             "checkpoint", "restore", "limits", "user")
 _READY_KEYS = READY_MODES + ("timeout", "interval")
 _WARMUP_KEYS = ("http", "repeat", "timeout", "method", "body")
 _NETWORK_KEYS = ("mode", "port")
 _CHECKPOINT_KEYS = ("tcp_close", "ghost_limit")
-_RESTORE_KEYS = ("identity_timeout", "hostname")
+_RESTORE_KEYS = ("identity_timeout", "hostname", "method")
+LIMITS_KEYS = ("memory", "cpus", "pids")
+MIN_MEMORY = 4 << 20   # below this not even tini and a shell fit
+# How a node makes each copy: "criu" restores the whole image; "fork" restores it once as a zygote
+# and forks copies from it (SDK templates whose runtime can fork: Python); "lazy" restores with
+# CRIU lazy pages, the build's recorded working set first.
+RESTORE_METHODS = ("criu", "fork", "lazy")
 
 
 # --- the parsed spec ---------------------------------------------------------------------------------
@@ -73,6 +82,7 @@ class CheckpointOpts:
 class RestoreOpts:
     identity_timeout: float
     hostname: str | None   # may contain "{id}", replaced by the instance id
+    method: str = "criu"   # one of RESTORE_METHODS
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,11 @@ class Spec:
     network: Network
     checkpoint: CheckpointOpts
     restore: RestoreOpts
+    # [env] entries given as { secret_file = PATH }: name -> file. Never in the image or the manifest:
+    # the node reads the files and hands the values to each copy at spawn (SDK templates only).
+    secret_env: tuple[tuple[str, str], ...] = ()
+    limits: Limits = Limits()      # unset ones come from the node's defaults at restore
+    user: RunAs | None = None      # None: the app runs as root (as the builder)
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,8 +129,19 @@ class Spec:
             "command": list(self.command), "cwd": str(self.cwd), "env": dict(self.env),
             "description": self.description, "ready": asdict(self.ready), "warmup": warmup,
             "network": asdict(self.network), "checkpoint": asdict(self.checkpoint),
-            "restore": asdict(self.restore),
+            "restore": self._restore_body(),
+            **({"secret_env": dict(self.secret_env)} if self.secret_env else {}),
+            # left out when unset, so templates written before them keep their digest
+            **({"limits": self.limits.to_dict()} if self.limits.to_dict() else {}),
+            **({"user": asdict(self.user)} if self.user is not None else {}),
         }
+
+    def _restore_body(self) -> dict[str, Any]:
+        # the default method is left out, so templates written before it keep their digest
+        body = asdict(self.restore)
+        if body["method"] == "criu":
+            del body["method"]
+        return body
 
 
 def _name(v: str) -> str | None:
@@ -176,6 +202,42 @@ def _hostname(v: str) -> str | None:
     return None
 
 
+def parse_limits(table: Table | None) -> Limits:
+    """A [limits] table (a template's, or the service's defaults): memory = "512M" (or bytes),
+    cpus = 1.5, pids = 256; each optional."""
+    if table is None:
+        return Limits()
+    memory = table.size("memory")
+    if memory is not None and memory < MIN_MEMORY:
+        table.fail("memory", f"{memory} bytes is too little to run anything; at least 4M")
+    return Limits(memory=memory,
+                  cpus=table.get("cpus", "float", None, at_least_cpus),
+                  pids=table.get("pids", "int", None, at_least(2)))  # tini and the app
+
+
+def at_least_cpus(v: float) -> str | None:
+    return positive(v) or (None if v >= 0.01 else f"must be at least 0.01, got {v}")
+
+
+def parse_user(top: Table) -> RunAs | None:
+    """user = "NAME" (an account on this machine) or "UID:GID"; never root."""
+    text = top.get("user", "str", None)
+    if text is None:
+        return None
+    if m := re.fullmatch(r"(\d+):(\d+)", text):
+        run_as = RunAs(uid=int(m.group(1)), gid=int(m.group(2)))
+    else:
+        try:
+            pw = pwd.getpwnam(text)
+        except KeyError:
+            top.fail("user", f"no user {text!r} on this machine; give an existing account or "
+                             '"UID:GID"')
+        run_as = RunAs(uid=pw.pw_uid, gid=pw.pw_gid, name=text, home=pw.pw_dir)
+    if run_as.uid == 0:
+        top.fail("user", f"{text!r} is root: leave user out to run as root")
+    return run_as
+
+
 def _url_port(url: str) -> int:
     return urlsplit(url).port or 80
 
@@ -223,8 +285,11 @@ def _parse(toml: Path, raw: dict) -> Spec:
         top.fail("cwd", f"{cwd} {'is not a directory' if cwd.exists() else 'does not exist'}")
 
     env_table = top.table("env", None) or empty("env")
-    env = tuple(sorted((k, env_table.get(k, "str")) for k in env_table.data))
-    for k, v in env:
+    plain = [k for k in env_table.data if not isinstance(env_table.data[k], dict)]
+    env = tuple(sorted((k, env_table.get(k, "str")) for k in plain))
+    secret_env = tuple(sorted((k, _secret_file(env_table, k, folder))
+                              for k in env_table.data if k not in plain))
+    for k, v in env + secret_env:
         if not k or "=" in k or "\0" in k or "\0" in v:
             env_table.fail(k, "not a valid environment variable (empty name, '=' in the name, or a NUL byte)")
 
@@ -271,11 +336,29 @@ def _parse(toml: Path, raw: dict) -> Spec:
         st.fail("identity_timeout", "only used by sdk templates (ready.sdk = true): "
                                     "no other app acknowledges its identity")
     restore = RestoreOpts(identity_timeout=st.get("identity_timeout", "float", 10.0, positive),
-                          hostname=st.get("hostname", "str", None, _hostname))
+                          hostname=st.get("hostname", "str", None, _hostname),
+                          method=st.get("method", "str", "criu", one_of(RESTORE_METHODS)))
+    if restore.method == "fork" and ready.mode != "sdk":
+        st.fail("method", '"fork" needs an SDK template (ready.sdk = true): the zygote forks each '
+                          "copy when asked over its control channel, which only the SDK speaks")
 
-    return Spec(name=name, dir=folder, path=toml, command=command, cwd=cwd, env=env,
+    if secret_env and ready.mode != "sdk":
+        env_table.fail(secret_env[0][0], "a secret is handed over at spawn, which only SDK templates "
+                                         "(ready.sdk = true) take; other templates get [env] at boot")
+    return Spec(name=name, dir=folder, path=toml, command=command, cwd=cwd, env=env, secret_env=secret_env,
                 description=top.get("description", "str", ""), ready=ready, warmup=warmup,
-                network=network, checkpoint=checkpoint, restore=restore)
+                network=network, checkpoint=checkpoint, restore=restore,
+                limits=parse_limits(top.table("limits", LIMITS_KEYS)), user=parse_user(top))
+
+
+def _secret_file(env_table: Table, key: str, folder: Path) -> str:
+    """The file of a secret [env] entry, `KEY = { secret_file = "PATH" }` (relative to the template)."""
+    t = env_table.table(key, ("secret_file",))
+    return str((folder / t.get("secret_file", "str", check=_not_empty)).resolve())
+
+
+def _not_empty(v: str) -> str | None:
+    return None if v else "must not be empty"
 
 
 def find_template_dir(name_or_path: str, search: list[Path]) -> Path:

@@ -7,6 +7,12 @@ Layout (everything 0700 dirs / 0600 files: images hold process memory, secrets i
     STORE/NAME/builds/BUILD_ID/image/*.img    CRIU images + cpuinfo.img
     STORE/.staging/...                        builds in progress; never read by restores
 
+With an image key (`[service] encrypt_images`), every image file is sealed (AES-GCM in chunks,
+pool/templates/imagecrypt.py) and the manifest keeps the plaintext's sizes and sha256s: a build's
+dump goes to RAM and is sealed into the store at publish; restores read a build decrypted into the
+node's RAM cache (readable()). The Store is the one reader and writer of image files, so no caller
+sees the difference but through readable().
+
 A build stages into .staging and becomes visible only by the symlink swap, so a restore sees either
 the old complete template or the new complete one. One previous build is kept, because a restore
 that started before the swap may still be reading it.
@@ -21,12 +27,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pool.errors import TemplateCorrupt, TemplateNotFound
 from pool.names import is_stored_name
+from pool.templates import imagecrypt
+from pool.templates.imagecrypt import ImageCache, ImageKey
 from pool.templates.manifest import FORMAT, MANIFEST, ImageFile, Manifest, valid_build_id
 
 KEEP_PREVIOUS = 1
@@ -45,15 +53,32 @@ def sha256_file(path: Path, h: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class Template:
-    """A published template: its manifest and where its image is."""
+    """A published template: its manifest and where its image is. key: its files are sealed
+    with it (only the store reads them: Store.readable gives the plaintext's plain_dir)."""
 
     name: str
     build_dir: Path
     manifest: Manifest
+    key: ImageKey | None = None
+    plain_dir: Path | None = None
 
     @property
     def image_dir(self) -> Path:
+        """Where CRIU reads the image: the build's own files, or their plaintext in RAM."""
+        if self.plain_dir is not None:
+            return self.plain_dir
+        if self.key is not None:
+            raise RuntimeError(f"{self.name}: its image is encrypted; read it through "
+                               "Store.readable()")
+        return self.stored_dir
+
+    @property
+    def stored_dir(self) -> Path:
+        """The build's image files as the store holds them (sealed, with a key)."""
         return self.build_dir / "image"
+
+    def stored_size(self, meta: ImageFile) -> int:
+        return imagecrypt.sealed_size(meta.size) if self.key is not None else meta.size
 
     @property
     def build_id(self) -> str:
@@ -64,9 +89,11 @@ class Template:
         return self.manifest.image_bytes
 
     def verify(self, full: bool = True) -> None:
-        """Check every image file against the manifest: sizes always, sha256 when full."""
+        """Check every stored image file against the manifest: sizes always, sha256 when full
+        (of the plaintext: a sealed file is decrypted, each chunk authenticated, on the way)."""
         files = self.manifest.files
-        present = {p.name for p in self.image_dir.iterdir()} if self.image_dir.is_dir() else set()
+        image = self.stored_dir
+        present = {p.name for p in image.iterdir()} if image.is_dir() else set()
         missing = sorted(set(files) - present)
         if missing:
             raise TemplateCorrupt(self.name, f"image file missing: {missing[0]}")
@@ -74,17 +101,41 @@ class Template:
         if extra:
             raise TemplateCorrupt(self.name, f"unexpected file in image: {extra[0]}")
         for rel, meta in files.items():
-            path = self.image_dir / rel
-            size = path.stat().st_size
-            if size != meta.size:
-                raise TemplateCorrupt(self.name, f"{rel} is {size} bytes, manifest says {meta.size}")
-            if full and sha256_file(path).hexdigest() != meta.sha256:
+            path = image / rel
+            size, want = path.stat().st_size, self.stored_size(meta)
+            if size != want:
+                raise TemplateCorrupt(self.name, f"{rel} is {size} bytes, manifest says {want}"
+                                      + (" (sealed)" if self.key is not None else ""))
+            if full and self.digest(rel).hexdigest() != meta.sha256:
                 raise TemplateCorrupt(self.name, f"{rel} does not match its sha256 in the manifest")
+
+    def digest(self, rel: str, out: Any = None) -> Any:
+        """The sha256 of stored file rel's plaintext (copied to out too, if given)."""
+        path = self.stored_dir / rel
+        if self.key is None:
+            if out is not None:
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            return sha256_file(path)
+        return imagecrypt.plain_digest(self.key, path, rel, self.manifest.files[rel].size,
+                                       self.name, out=out)
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, key: ImageKey | None = None,
+                 ram_root: Path = imagecrypt.RAM_ROOT) -> None:
+        """key: image files are sealed with it (encrypt_images); plaintext lives under ram_root."""
         self.root = Path(root)
+        self.key = key
+        self.ram_root = ram_root
+        self.cache = ImageCache(ram_root) if key is not None else None
+        # name -> its current build as last read: a published build never changes, so a build id
+        # (one readlink) says whether the entry is still current
+        self._current: dict[str, Template] = {}
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
 
     def _ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -101,14 +152,8 @@ class Store:
         link = self.root / name / "current"
         if not is_stored_name(name) or not link.is_symlink():
             raise TemplateNotFound(name, where=str(self.root))
-        build_dir = link.resolve()  # pin this build: a later swap does not move us
-        try:
-            raw = json.loads((build_dir / MANIFEST).read_text())
-        except FileNotFoundError as e:
-            raise TemplateCorrupt(name, f"no {MANIFEST} in {build_dir}") from e
-        except json.JSONDecodeError as e:
-            raise TemplateCorrupt(name, f"{MANIFEST} is not valid JSON: {e.msg}") from e
-        return Template(name=name, build_dir=build_dir, manifest=Manifest.from_dict(raw, name))
+        # resolved: this build is pinned, a later swap does not move us
+        return load_build(link.resolve(), name, key=self.key)
 
     def current_build_id(self, name: str) -> str | None:
         """The build id NAME's `current` link points to, or None if nothing is published: one
@@ -121,6 +166,45 @@ class Store:
                 return None
             raise
 
+    def current(self, name: str) -> Template | None:
+        """NAME's current build, or None if nothing is published: one readlink(2); its manifest is
+        read and parsed once per build (get() when this build id is first seen), so the spawn path
+        can ask every time. Errors as current_build_id() and get()."""
+        build = self.current_build_id(name) if is_stored_name(name) else None
+        if build is None:
+            self._current.pop(name, None)
+            return None
+        t = self._current.get(name)
+        if t is None or t.build_id != build:
+            t = self._current[name] = self.get(name)
+        return t
+
+    # -- plaintext for restores ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def readable(self, template: Template) -> Iterator[Template]:
+        """template as CRIU reads it, for as long as the context lasts: itself in a plain store;
+        in an encrypted one, with plain_dir its build decrypted into the node's RAM cache (once
+        per build: every chunk authenticated and every sha256 checked, TemplateCorrupt naming
+        the file otherwise, and nothing half-decrypted kept)."""
+        if template.key is None or template.plain_dir is not None:
+            yield template
+            return
+        assert self.cache is not None, "an encrypted template from a store without a key"
+        with self.cache.lease(f"{template.name}@{template.build_id}",
+                              lambda d: _decrypt_build(template, d)) as plain:
+            yield replace(template, plain_dir=plain)
+
+    def drop_readable(self, name: str, keep_build: str | None = None) -> None:
+        """Drop name's decrypted builds from RAM but keep_build's (leased ones: when released)."""
+        if self.cache is not None:
+            self.cache.drop(name, None if keep_build is None else f"{name}@{keep_build}")
+
+    def close(self) -> None:
+        """The node stops: every decrypted build leaves RAM (a restore still reading one: when it
+        ends; later restores decrypt a build of their own, removed when they end)."""
+        if self.cache is not None:
+            self.cache.close()
+
     def all(self) -> Iterator[Template]:
         for name in self.names():
             with contextlib.suppress(TemplateNotFound, TemplateCorrupt):
@@ -129,20 +213,36 @@ class Store:
     # -- writing -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def staging(self, name: str) -> Iterator[Path]:
-        """A private directory to build into; removed on exit unless it was published."""
-        self._ensure_root()
-        staging_root = self.root / ".staging"
-        staging_root.mkdir(exist_ok=True, mode=0o700)
-        path = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+        """A private directory to build into (CRIU dumps into its image/); removed on exit
+        unless it was published. Encrypted: a private RAM directory, so the dump's plaintext
+        never reaches the disk; publish seals it into the store."""
+        if self.key is not None:
+            path = imagecrypt.ram_dir(imagecrypt.DUMP_PREFIX, self.ram_root)
+        else:
+            path = self._disk_staging(name)
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
+    def _disk_staging(self, name: str) -> Path:
+        self._ensure_root()
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+
     def publish(self, name: str, staged: Path, facts: Mapping[str, Any]) -> Template:
-        """Seal staged (see seal()) and make it NAME's current build atomically."""
-        template = seal(staged, name, facts)
-        return self._install(name, staged, template.manifest.build_id)
+        """Seal staged (see seal()) and make it NAME's current build atomically. Encrypted: its
+        image is sealed into a staging dir of the store, which is published."""
+        if self.key is None:
+            template = seal(staged, name, facts)
+            return self._install(name, staged, template.manifest.build_id)
+        disk = self._disk_staging(name)
+        try:
+            template = seal(staged, name, facts, key=self.key, into=disk)
+            return self._install(name, disk, template.manifest.build_id)
+        finally:
+            shutil.rmtree(disk, ignore_errors=True)  # gone already once installed
 
     def publish_received(self, name: str, staged: Path, manifest: Manifest) -> Template:
         """Publish a build made on another node, keeping its build_id and manifest as they are.
@@ -153,12 +253,12 @@ class Store:
         """
         if manifest.name != name:
             raise TemplateCorrupt(name, f"{MANIFEST}: name is {manifest.name!r}, expected {name!r}")
-        received = Template(name=name, build_dir=staged, manifest=manifest)
+        received = Template(name=name, build_dir=staged, manifest=manifest, key=self.key)
         received.verify(full=True)
         final = self.root / name / "builds" / manifest.build_id
         if final.is_dir():
             try:
-                Template(name=name, build_dir=final, manifest=manifest).verify(full=True)
+                Template(name=name, build_dir=final, manifest=manifest, key=self.key).verify(full=True)
             except TemplateCorrupt:
                 shutil.rmtree(final, ignore_errors=True)  # a damaged leftover: replace it
             else:
@@ -190,7 +290,8 @@ class Store:
         os.rename(tmp_link, tdir / "current")  # the point of publication
         _fsync_dir(tdir)
         self._prune(tdir, keep=final.name)
-        return self.get(name)
+        template = self._current[name] = self.get(name)
+        return template
 
     # -- receiving from another node (pool/templates/transfer.py) ---------------------------------------------
     def partial_dir(self, name: str, build_id: str) -> Path:
@@ -218,6 +319,8 @@ class Store:
             raise TemplateNotFound(name, where=str(self.root))
         # Unpublish first (atomic), then delete the files.
         os.unlink(tdir / "current")
+        self._current.pop(name, None)
+        self.drop_readable(name)
         shutil.rmtree(tdir, ignore_errors=True)
 
     def _prune(self, tdir: Path, keep: str) -> None:
@@ -227,22 +330,63 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def seal(build_dir: Path, name: str, facts: Mapping[str, Any]) -> Template:
+def load_build(build_dir: Path, name: str | None = None, key: ImageKey | None = None) -> Template:
+    """The sealed build in build_dir (published or not: a fork's, a snapshot's), named as its
+    manifest says unless name is given."""
+    try:
+        raw = json.loads((build_dir / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise TemplateCorrupt(name or str(build_dir), f"no {MANIFEST} in {build_dir}") from e
+    except json.JSONDecodeError as e:
+        raise TemplateCorrupt(name or str(build_dir), f"{MANIFEST} is not valid JSON: {e.msg}") from e
+    name = name or str(raw.get("name"))
+    return Template(name=name, build_dir=build_dir, manifest=Manifest.from_dict(raw, name), key=key)
+
+
+def seal(build_dir: Path, name: str, facts: Mapping[str, Any],
+         key: ImageKey | None = None, into: Path | None = None) -> Template:
     """Finish a build dir whose image/ is complete: its files made private (0600) and listed with
     size and sha256, the manifest (facts plus format, name, files, image_bytes) checked and
-    written. Store.publish seals its staging dir so; a fork seals a dir it ships unpublished."""
+    written. Store.publish seals its staging dir so; a fork seals a dir it ships unpublished.
+    With key, each file is encrypted (the manifest lists the plaintext's size and sha256) into
+    into/image (the plaintext left to the caller), or in place (the plaintext removed)."""
     if not is_stored_name(name):
         raise ValueError(f"bad template name {name!r}")
+    image = build_dir / "image"
     files = {}
-    for p in sorted((build_dir / "image").iterdir()):
-        os.chmod(p, 0o600)
-        files[p.name] = ImageFile(size=p.stat().st_size, sha256=sha256_file(p).hexdigest())
+    if key is None:
+        for p in sorted(image.iterdir()):
+            os.chmod(p, 0o600)
+            files[p.name] = ImageFile(size=p.stat().st_size, sha256=sha256_file(p).hexdigest())
+    else:
+        out = into or build_dir
+        sealed = out / ".sealed"
+        sealed.mkdir(mode=0o700)
+        for p in sorted(image.iterdir()):
+            size, digest = imagecrypt.seal_file(key, p, sealed / p.name, p.name)
+            files[p.name] = ImageFile(size=size, sha256=digest)
+        if into is None:
+            shutil.rmtree(image)
+        os.rename(sealed, out / "image")
+        build_dir = out
     manifest = Manifest.from_dict({
         **facts, "format": FORMAT, "name": name,
         "files": {rel: f.to_dict() for rel, f in files.items()},
         "image_bytes": sum(f.size for f in files.values())}, name)
     write_manifest(build_dir, manifest)
-    return Template(name=name, build_dir=build_dir, manifest=manifest)
+    return Template(name=name, build_dir=build_dir, manifest=manifest, key=key)
+
+
+def _decrypt_build(template: Template, dest: Path) -> None:
+    """Every image file of template, decrypted into dest (private RAM), checked against the
+    manifest's sha256."""
+    template.verify(full=False)
+    for rel, meta in template.manifest.files.items():
+        fd = os.open(dest / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            if template.digest(rel, out=out).hexdigest() != meta.sha256:
+                raise TemplateCorrupt(template.name, f"{rel} does not match its sha256 in the "
+                                                     "manifest")
 
 
 def write_manifest(build_dir: Path, manifest: Manifest) -> None:

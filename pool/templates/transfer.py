@@ -11,8 +11,19 @@ The node that needs the template pulls it from one that has it (`fetch` against 
               (u32 length + compressed bytes; length 0 ends the file; ABORT + an error frame
               stops the transfer), and finally {op: done}
 
+Over mutual TLS when both ends have the cluster's TLS files (pool/wire/tls.py: the source's
+certificate must name the node the fetcher was told to expect); plain TCP otherwise, which only
+tests and `--insecure-plain-tcp` set-ups use (the token then travels in clear).
+
 Headers are pool/wire/protocol.py frames; file data is raw length-prefixed chunks, each file its own
 compressed stream (zstd, else zlib, else none), so a transfer can resume at any file and offset.
+
+Encrypted stores (`[service] encrypt_images`, pool/templates/imagecrypt.py): what travels is always
+the plaintext, inside TLS: the sender decrypts its sealed files as it streams (each chunk
+authenticated), the receiver seals what it receives with its own key before it touches the disk,
+so nodes with different keys (or none) exchange templates, and the manifest's sha256s (of the
+plaintext) check the transfer the same way. A receiver's .part holds whole sealed chunks only: a
+resumed file restarts at the last whole chunk.
 
 Nothing half-received is ever usable: files land in the store's partial dir (Store.partial_dir),
 each as NAME.part until its size and sha256 match the sender's manifest, and the build is
@@ -26,6 +37,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import ssl
 import struct
 import time
 import zlib
@@ -35,10 +47,13 @@ from typing import Any, Awaitable, Callable
 
 from pool.errors import (Incompatible, PoolError, ProtocolError, TemplateCorrupt, TemplateNotFound,
                          TransferError)
+from pool.templates import imagecrypt
 from pool.templates.compat import NodeFacts, compatibility_problem
+from pool.templates.imagecrypt import ImageKey
 from pool.templates.manifest import ImageFile, Manifest
 from pool.templates.store import Store, Template, sha256_file, write_problem
 from pool.wire import protocol
+from pool.wire.tls import TlsFiles, closed_in_handshake, handshake_error
 
 try:  # optional at import time: a node without it still speaks zlib
     import zstandard
@@ -83,6 +98,8 @@ async def _read_frame(reader: asyncio.StreamReader, idle: float,
         raise TransferError("the peer closed the connection") from e
     except TimeoutError as e:
         raise TransferError(f"the peer sent nothing for {idle:g}s") from e
+    except ssl.SSLError as e:  # TLS 1.3: the server's refusal of our certificate arrives here
+        raise handshake_error(e, "the peer", None) from e
     except OSError as e:
         raise TransferError(f"connection failed: {e.strerror or e}") from e
     return protocol.decode_payload(payload)
@@ -101,6 +118,8 @@ async def _read_chunk(reader: asyncio.StreamReader, idle: float) -> bytes | None
         raise TransferError("the peer closed the connection in the middle of a file") from e
     except TimeoutError as e:
         raise TransferError(f"the peer sent nothing for {idle:g}s") from e
+    except ssl.SSLError as e:  # TLS 1.3: the server's refusal of our certificate arrives here
+        raise handshake_error(e, "the peer", None) from e
     except OSError as e:
         raise TransferError(f"connection failed: {e.strerror or e}") from e
 
@@ -111,6 +130,8 @@ async def _send(writer: asyncio.StreamWriter, data: bytes, idle: float) -> None:
         await asyncio.wait_for(writer.drain(), idle)
     except TimeoutError as e:
         raise TransferError(f"the peer took nothing for {idle:g}s") from e
+    except ssl.SSLError as e:
+        raise handshake_error(e, "the peer", None) from e
     except OSError as e:
         raise TransferError(f"connection failed: {e.strerror or e}") from e
 
@@ -137,10 +158,11 @@ def _compressor(codec: str) -> tuple[Callable[[bytes], bytes], Callable[[], byte
 class TemplateSource:
     """Serves the templates of one store to nodes that fetch them. One connection, one template."""
 
-    def __init__(self, store: Store, *, tokens: set[str] | None = None,
+    def __init__(self, store: Store, *, tokens: set[str] | None = None, tls: TlsFiles | None = None,
                  check: Check = compatibility_problem, idle_timeout: float = 30.0) -> None:
         self.store = store
         self.tokens = tokens
+        self.tls = tls                # mutual TLS; None: plain TCP (tests, --insecure-plain-tcp)
         self.check = check            # (manifest, receiver's facts) -> why not, or None
         self.idle_timeout = idle_timeout
         self.bytes_sent = 0
@@ -151,10 +173,13 @@ class TemplateSource:
     async def start(self, host: str = "127.0.0.1", port: int = 0, *,
                     sock: Any = None) -> tuple[str, int]:
         """Listen on host:port (or on a bound socket, e.g. one made in another netns)."""
+        kw: dict[str, Any] = {"limit": STREAM_LIMIT}
+        if self.tls is not None:
+            kw.update(ssl=self.tls.server_context(), ssl_handshake_timeout=self.idle_timeout)
         if sock is not None:
-            self._server = await asyncio.start_server(self._accept, sock=sock, limit=STREAM_LIMIT)
+            self._server = await asyncio.start_server(self._accept, sock=sock, **kw)
         else:
-            self._server = await asyncio.start_server(self._accept, host, port, limit=STREAM_LIMIT)
+            self._server = await asyncio.start_server(self._accept, host, port, **kw)
         return self._server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
@@ -206,8 +231,8 @@ class TemplateSource:
                     raise ProtocolError(f"want: bad resume offset for {rel}")
                 await _send(writer, protocol.encode_frame(
                     {"op": "file", "name": rel, "offset": offset, "size": meta.size}), idle)
-                await self._stream(writer, fds[rel], offset, meta.size, codec, idle,
-                                   f"{template.name}/{rel}")
+                await self._stream(writer, _plain_reader(template, rel, fds[rel], offset),
+                                   offset, meta.size, codec, idle)
             streaming = False
             await _send(writer, protocol.encode_frame({"op": "done"}), idle)
         except TransferError:
@@ -247,8 +272,8 @@ class TemplateSource:
             raise Incompatible(problem, template=name, build_id=template.build_id)
         return template, codec
 
-    async def _stream(self, writer: asyncio.StreamWriter, fd: int, offset: int, size: int,
-                      codec: str, idle: float, what: str) -> None:
+    async def _stream(self, writer: asyncio.StreamWriter, read: Callable[[], bytes], offset: int,
+                      size: int, codec: str, idle: float) -> None:
         compress, flush = _compressor(codec)
         pos = offset
 
@@ -256,9 +281,7 @@ class TemplateSource:
             nonlocal pos
             out = b""
             while not out and pos < size:
-                data = os.pread(fd, min(BLOCK, size - pos), pos)
-                if not data:  # told to the receiver (TransferError would be swallowed)
-                    raise TemplateCorrupt(what.split("/")[0], f"{what} shrank while being sent")
+                data = read()
                 pos += len(data)
                 out = compress(data)
             return out + flush() if pos >= size else out
@@ -273,14 +296,42 @@ class TemplateSource:
         await _send(writer, CHUNK.pack(0), idle)
 
 
+def _plain_reader(template: Template, rel: str, fd: int, offset: int) -> Callable[[], bytes]:
+    """The next piece of file rel's plaintext from offset on, at each call (b"" once done):
+    read as is, or decrypted chunk by chunk (TemplateCorrupt on a chunk that fails: told to the
+    receiver)."""
+    size = template.manifest.files[rel].size
+    if template.key is None:
+        pos = offset
+
+        def read_plain() -> bytes:
+            nonlocal pos
+            data = os.pread(fd, min(BLOCK, size - pos), pos) if pos < size else b""
+            if not data and pos < size:  # told to the receiver (TransferError would be swallowed)
+                raise TemplateCorrupt(template.name, f"{template.name}/{rel} shrank while being sent")
+            pos += len(data)
+            return data
+        return read_plain
+    chunks = imagecrypt.open_chunks(template.key, imagecrypt.fd_reader(fd), rel, size,
+                                    template.name, first=offset // imagecrypt.CHUNK)
+    skip = offset % imagecrypt.CHUNK
+
+    def read_sealed() -> bytes:
+        nonlocal skip
+        data = next(chunks, b"")[skip:]
+        skip = 0
+        return data
+    return read_sealed
+
+
 def _open_pinned(template: Template) -> dict[str, int]:
     """Open every image file now: a publish that prunes this build mid-transfer cannot pull it away."""
     fds: dict[str, int] = {}
     try:
         for rel, meta in template.manifest.files.items():
-            fd = os.open(template.image_dir / rel, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(template.stored_dir / rel, os.O_RDONLY | os.O_CLOEXEC)
             fds[rel] = fd
-            if os.fstat(fd).st_size != meta.size:
+            if os.fstat(fd).st_size != template.stored_size(meta):
                 raise TemplateCorrupt(template.name, f"{rel} does not have its manifest size here")
     except FileNotFoundError as e:
         for fd in fds.values():
@@ -295,11 +346,15 @@ def _open_pinned(template: Template) -> dict[str, int]:
 
 # --- receiving side ----------------------------------------------------------------------------------
 class _Sink:
-    """Where one file's decompressed bytes go: hashed, counted against its size, appended."""
+    """Where one file's decompressed bytes go: hashed, counted against its size, appended (sealed
+    first, with the store's key: no plaintext reaches the disk)."""
 
-    def __init__(self, path: Path, hasher: Any, limit: int, template: str) -> None:
+    def __init__(self, path: Path, hasher: Any, limit: int, template: str,
+                 key: ImageKey | None = None, offset: int = 0) -> None:
         self.f = open(path, "ab")  # noqa: SIM115  closed by close()
         self.path, self.hasher, self.left, self.template = path, hasher, limit, template
+        self.sealer = None if key is None else imagecrypt.Sealer(
+            key, path.name[:-5], self.f, start_index=offset // imagecrypt.CHUNK)
 
     def write(self, data: bytes) -> int:
         if len(data) > self.left:
@@ -307,11 +362,19 @@ class _Sink:
                                                  "manifest size")
         self.left -= len(data)
         self.hasher.update(data)
-        self.f.write(data)
+        if self.sealer is not None:
+            self.sealer.write(data)
+        else:
+            self.f.write(data)
         return len(data)
 
     def flush(self) -> None:
         self.f.flush()
+
+    def finish(self) -> None:
+        """Every byte came: the sealed file's last chunk."""
+        if self.sealer is not None:
+            self.sealer.finish()
 
     def close(self) -> None:
         self.f.close()
@@ -348,15 +411,17 @@ class _Decoder:
 
 async def fetch(store: Store, name: str, address: tuple[str, int] | None = None, *,
                 connect: Connect | None = None, token: str | None = None,
+                tls: TlsFiles | None = None, server_name: str | None = None,
                 facts: NodeFacts | None = None, check: Callable[[Manifest], str | None] | None = None,
                 codecs: tuple[str, ...] = CODECS, build_id: str | None = None,
                 timeout: float = 600.0, idle_timeout: float = 30.0) -> FetchResult:
     """Get template `name` from the TemplateSource at address into store, verified and published.
 
-    facts (this node's) go to the sender, which refuses an incompatible image before sending
+    With tls, the connection is mutual TLS and the source's certificate must name server_name
+    (TlsError otherwise, before any frame is read). facts (this node's) go to the sender, which refuses an incompatible image before sending
     anything; check(manifest) -> reason is this side's own veto (default: the same pure check).
     Raises Incompatible, TemplateNotFound, TemplateCorrupt (a file did not match its sha256:
-    dropped, a retry fetches it again), AuthError, or TransferError (connection, deadline): all
+    dropped, a retry fetches it again), AuthError (TlsError: a certificate was refused), or TransferError (connection, deadline): all
     leave the store's published templates as they were, and a retry resumes.
     """
     if facts is not None and check is None:
@@ -369,7 +434,10 @@ async def fetch(store: Store, name: str, address: tuple[str, int] | None = None,
                     reader, writer = await connect()
                 else:
                     assert address is not None, "fetch needs an address or a connect function"
-                    reader, writer = await asyncio.open_connection(*address, limit=STREAM_LIMIT)
+                    reader, writer = await _open(address, tls, server_name)
+            except (ssl.SSLError, ssl.CertificateError) as e:  # before OSError: SSLError is one
+                where = f"{address[0]}:{address[1]}" if address else "the template source"
+                raise handshake_error(e, where, server_name) from e
             except OSError as e:
                 raise TransferError(f"cannot reach the template source {address or ''}: "
                                     f"{e.strerror or e}") from e
@@ -387,12 +455,28 @@ async def fetch(store: Store, name: str, address: tuple[str, int] | None = None,
     return result
 
 
+async def _open(address: tuple[str, int], tls: TlsFiles | None,
+                server_name: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tls is None:
+        return await asyncio.open_connection(*address, limit=STREAM_LIMIT)
+    if not server_name:
+        raise ValueError("a TLS fetch needs the source's node name (server_name)")
+    return await asyncio.open_connection(*address, limit=STREAM_LIMIT, ssl=tls.client_context(),
+                                         server_hostname=server_name)
+
+
 async def _fetch(store: Store, name: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, *, token: str | None, facts: NodeFacts | None,
                  check: Callable[[Manifest], str | None] | None, codecs: tuple[str, ...],
                  build_id: str | None, idle: float) -> FetchResult:
     await _send(writer, protocol.encode_frame(protocol.make_hello(token, "pool-transfer")), idle)
-    protocol.check_hello_reply(await _read_frame(reader, idle))
+    try:
+        hello_reply = await _read_frame(reader, idle)
+    except TransferError as e:
+        if writer.get_extra_info("ssl_object") is not None:  # see closed_in_handshake
+            raise closed_in_handshake("the template source", None) from e
+        raise
+    protocol.check_hello_reply(hello_reply)
     await _send(writer, protocol.encode_frame({
         "op": "fetch", "name": name, "facts": facts.to_wire() if facts else None,
         "codecs": list(codecs), "build_id": build_id}), idle)
@@ -430,7 +514,8 @@ async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
     """Receive the files this store lacks into its partial dir, then publish the build."""
     async with _partial_lock(store, name, idle):
         partial = store.partial_dir(name, manifest.build_id)
-        have, resume, hashers = await asyncio.to_thread(_scan_partial, partial, manifest)
+        have, resume, hashers = await asyncio.to_thread(_scan_partial, partial, manifest,
+                                                        store.key)
         await _send(writer, protocol.encode_frame({
             "op": "want", "have": have, "resume": {k: v for k, v in resume.items() if v}}), idle)
         result = FetchResult(template=None, files_reused=len(have), codec=codec)
@@ -447,7 +532,7 @@ async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
             if head.get("offset") != resume.get(rel, 0) or head.get("size") != files[rel].size:
                 raise ProtocolError(f"the sender sent {rel} from the wrong offset or size")
             await _receive_file(reader, partial / "image", rel, files[rel], codec,
-                                resume.get(rel, 0), hashers.get(rel), idle, result)
+                                resume.get(rel, 0), hashers.get(rel), idle, result, store.key)
             received.add(rel)
         missing = set(manifest.files) - set(have) - received
         if missing:
@@ -459,13 +544,13 @@ async def _receive(store: Store, name: str, reader: asyncio.StreamReader,
 
 async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, meta: ImageFile,
                         codec: str, offset: int, hasher: Any, idle: float,
-                        result: FetchResult) -> None:
+                        result: FetchResult, key: ImageKey | None) -> None:
     part = image / f"{rel}.part"
     if offset == 0:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         hasher = hashlib.sha256()
-    sink = _Sink(part, hasher, meta.size - offset, image.parent.name.split("@")[0])
+    sink = _Sink(part, hasher, meta.size - offset, image.parent.name.split("@")[0], key, offset)
     decoder = _Decoder(codec, sink)
     try:
         while True:
@@ -480,6 +565,8 @@ async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, met
             await asyncio.to_thread(decoder.feed, chunk)
             result.bytes_raw += before - sink.left
         await asyncio.to_thread(decoder.finish)
+        if sink.left == 0:
+            await asyncio.to_thread(sink.finish)
     finally:
         sink.close()
     if sink.left != 0 or hasher.hexdigest() != meta.sha256:
@@ -489,9 +576,12 @@ async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, met
     os.rename(part, image / rel)
 
 
-def _scan_partial(partial: Path, manifest: Manifest) -> tuple[dict[str, str], dict[str, int], dict]:
+def _scan_partial(partial: Path, manifest: Manifest,
+                  key: ImageKey | None) -> tuple[dict[str, str], dict[str, int], dict]:
     """What an earlier, interrupted transfer left: verified files (kept only if their sha256 still
     matches), and .part prefixes to resume, with their hash state so far."""
+    if key is not None:
+        return _scan_sealed_partial(partial, manifest, key)
     files = manifest.files
     image = partial / "image"
     have: dict[str, str] = {}
@@ -514,6 +604,41 @@ def _scan_partial(partial: Path, manifest: Manifest) -> tuple[dict[str, str], di
             resume[rel] = size
         else:
             _remove(p)
+    return have, resume, hashers
+
+
+def _scan_sealed_partial(partial: Path, manifest: Manifest,
+                         key: ImageKey) -> tuple[dict[str, str], dict[str, int], dict]:
+    """_scan_partial of an encrypted store: files and .part prefixes are decrypted to be checked
+    (a chunk that fails authentication drops its file); a .part keeps its whole chunks only."""
+    received = Template(manifest.name, partial, manifest, key=key)
+    step = imagecrypt.CHUNK + imagecrypt.NONCE + imagecrypt.TAG
+    have: dict[str, str] = {}
+    resume: dict[str, int] = {}
+    hashers: dict[str, Any] = {}
+    for p in (partial / "image").iterdir():
+        rel, is_part = (p.name[:-5], True) if p.name.endswith(".part") else (p.name, False)
+        meta = manifest.files.get(rel)
+        if meta is None or not p.is_file():
+            _remove(p)
+            continue
+        try:
+            if not is_part:
+                if p.stat().st_size == received.stored_size(meta) and \
+                        received.digest(rel).hexdigest() == meta.sha256:
+                    have[rel] = meta.sha256
+                    continue
+            elif not (p.parent / rel).exists():
+                whole = (p.stat().st_size - imagecrypt.HEADER.size) // step
+                if 0 < whole and whole * imagecrypt.CHUNK < meta.size:
+                    os.truncate(p, imagecrypt.HEADER.size + whole * step)  # a torn last chunk
+                    hashers[rel] = imagecrypt.plain_digest(key, p, rel, meta.size, manifest.name,
+                                                           chunks=whole)
+                    resume[rel] = whole * imagecrypt.CHUNK
+                    continue
+        except TemplateCorrupt:
+            pass
+        _remove(p)
     return have, resume, hashers
 
 

@@ -7,11 +7,20 @@ Messages: app -> pool `{"type": "ready", "pid", "runtime"}` then, in each restor
 pool -> app `{"type": "identity", "instance_id", "env", "args", "hostname", "seed", "deadline"}`
 (Identity.to_message) and
 app -> pool `{"type": "ack", "instance_id", "pid"}` or `{"type": "error", "message"}`.
+
+Fork mode (pool/copies/zygote.py, the SDK's zygote loop): instead of an identity the zygote gets
+`{"type": "zygote", "socket"}` and connects to that unix seqpacket socket, where each message is one
+packet, file descriptors riding along (send_packet/recv_packet): app -> pool `{"type": "serving",
+"pid"}`; pool -> app `{"type": "fork"}` with the child's stdout, stderr and control socket; app -> pool
+`{"type": "forked"}`, `{"type": "refused", "rule", "message"}` or `{"type": "error", "message"}`. The
+child says `{"type": "hello"}` on its control socket with a pidfd of itself, then waits for its
+identity there like any restored copy (frames work on a stream socket as on a pipe).
 """
 from __future__ import annotations
 
 import os
 import secrets
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -60,6 +69,30 @@ class Identity:
 def _encode(msg: dict[str, Any]) -> bytes:
     data = msgpack.packb(msg, use_bin_type=True)
     return _LEN.pack(len(data)) + data
+
+
+MAX_PACKET_FDS = 4
+
+
+def send_packet(sock: socket.socket, msg: dict[str, Any], fds: list[int] = ()) -> None:
+    """One message as one packet (or one write, on a stream socket), with fds (SCM_RIGHTS)."""
+    socket.send_fds(sock, [_encode(msg)], list(fds))
+
+
+def recv_packet(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One packet sent by send_packet: its message and the fds that came with it (ours to close).
+    Honours the socket's timeout; ControlError if the other side closed."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_CONTROL_FRAME, MAX_PACKET_FDS)
+    try:
+        if not data:
+            raise ControlError("control channel closed by the other side")
+        if len(data) < _LEN.size or _parse_length(data[:_LEN.size]) != len(data) - _LEN.size:
+            raise ControlError("control packet is not one whole frame")
+        return _parse_message(data[_LEN.size:]), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def write_frame(fd: int, msg: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ A frame is a big-endian u32 payload length followed by one msgpack map.
     reply                 {"id": int, "result": any} | {"id": int, "error": {"code", "message", "data"}}
 
 Errors about the connection as a whole (bad frame, failed hello) use id 0 and are followed by a close.
+On TCP all of it travels inside mutual TLS (pool/wire/tls.py); the hello's token is a second factor.
+`source_name` (fetch_template, fork_restore) is the node name the source's certificate must carry.
 """
 from __future__ import annotations
 
@@ -179,6 +181,12 @@ INSTANCE_ID = _pattern("an instance id (letters, digits, '.', '_' or '-', at mos
 # sethostname(2) takes at most 64 bytes; the charset is what a resolver and a shell prompt accept.
 HOSTNAME = _pattern("a hostname (1-64 letters, digits, '-' or '.', not starting with '-' or '.')",
                     re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}"))
+SNAPSHOT = _pattern("a snapshot id or tag (letters, digits, '.', '_' or '-', at most 64 chars)",
+                    re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"))
+# what a migrated instance keeps of its identity (the source node's record of it)
+MIGRATED = Type("a map of the instance's template, hostname, owner, env_keys, args, created",
+                lambda v: None if isinstance(v, dict) and set(v) <= {
+                    "template", "hostname", "owner", "env_keys", "args", "created"} else _got(v))
 TEXT = Type("str of at most 4096 chars", _text_problem(lambda v: len(v) <= 4096))
 
 
@@ -239,6 +247,7 @@ class Param(NamedTuple):
     type: Type
     required: bool = False
     default: Any = None
+    internal: bool = False   # set by the coordinator for its nodes, not offered to clients
 
 
 def req(t: Type) -> Param:
@@ -249,11 +258,17 @@ def opt(t: Type, default: Any = None) -> Param:
     return Param(t, False, default)
 
 
+def internal(t: Type) -> Param:
+    return Param(t, False, None, internal=True)
+
+
 OPT_NAME, OPT_TEMPLATE, OPT_HOSTNAME = optional(NAME), optional(TEMPLATE), optional(HOSTNAME)
 METHODS: dict[str, dict[str, Param]] = {
     "ping": {},
     "spawn": {"template": req(TEMPLATE), "env": opt(ENV, {}), "args": opt(ARGS, []),
-              "timeout": opt(DURATION, 30.0), "node": opt(OPT_NAME), "hostname": opt(OPT_HOSTNAME)},
+              "timeout": opt(DURATION, 30.0), "node": opt(OPT_NAME), "hostname": opt(OPT_HOSTNAME),
+              # the spawning uid: the coordinator sets it from the caller's credentials
+              "owner": internal(optional(COUNT))},
     "kill": {"id": req(INSTANCE_ID), "grace": opt(DURATION, 3.0)},
     "wait": {"id": req(INSTANCE_ID), "timeout": opt(optional(DURATION))},
     "list": {"template": opt(OPT_TEMPLATE)},
@@ -268,23 +283,45 @@ METHODS: dict[str, dict[str, Param]] = {
     "push": {"template": req(TEMPLATE), "node": req(NAME), "timeout": opt(DURATION, 600.0)},
     "fork": {"id": req(INSTANCE_ID), "node": opt(OPT_NAME), "lazy": opt(BOOL, False),
              "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 120.0)},
+    # running instances: checkpoint, time-travel, suspend and resume
+    "checkpoint": {"id": req(INSTANCE_ID), "tag": opt(optional(SNAPSHOT)), "keep": opt(BOOL, False),
+                   "timeout": opt(DURATION, 120.0)},
+    "snapshots": {"id": req(INSTANCE_ID)},
+    "rollback": {"id": req(INSTANCE_ID), "snapshot": opt(optional(SNAPSHOT)),
+                 "timeout": opt(DURATION, 60.0)},
+    "suspend": {"id": req(INSTANCE_ID), "timeout": opt(DURATION, 120.0)},
+    "resume": {"id": req(INSTANCE_ID), "timeout": opt(DURATION, 60.0)},
+    "migrate": {"id": req(INSTANCE_ID), "node": req(NAME), "lazy": opt(BOOL, False),
+                "timeout": opt(DURATION, 120.0)},
     # node (`pool agent`), asked by a coordinator
+    "migrate_out": {"id": req(INSTANCE_ID), "lazy": opt(BOOL, False), "timeout": opt(DURATION, 120.0)},
+    "migrate_in": {"id": req(INSTANCE_ID), "template": req(TEMPLATE), "source": req(TEXT),
+                   "build_id": req(TEXT), "token": req(TEXT), "instance": req(MIGRATED),
+                   "timeout": opt(DURATION, 60.0), "source_name": opt(optional(TEXT)),
+                   "page_server": opt(optional(TEXT))},
+    "migrate_done": {"id": req(INSTANCE_ID), "moved": req(BOOL), "template": req(TEMPLATE),
+                     "timeout": opt(DURATION, 60.0)},
     "facts": {},
     "fetch_template": {"name": req(TEMPLATE), "source": req(TEXT), "build_id": opt(optional(TEXT)),
-                       "token": opt(optional(TEXT)), "timeout": opt(DURATION, 600.0)},
+                       "token": opt(optional(TEXT)), "timeout": opt(DURATION, 600.0),
+                       "source_name": opt(optional(TEXT))},
     "fork_checkpoint": {"id": req(INSTANCE_ID), "lazy": opt(BOOL, False),
                         "timeout": opt(DURATION, 120.0)},
     "fork_release": {"template": req(TEMPLATE), "abort": opt(BOOL, False)},
     "fork_restore": {"template": req(TEMPLATE), "source": req(TEXT), "build_id": req(TEXT),
                      "token": req(TEXT), "page_server": opt(optional(TEXT)),
-                     "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 60.0)},
+                     "hostname": opt(OPT_HOSTNAME), "timeout": opt(DURATION, 60.0),
+                     "source_name": opt(optional(TEXT))},
 }
 # Which side answers which methods (both share the table above).
 NODE_METHODS = frozenset({"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
                           "stats", "set_warm", "facts", "fetch_template", "fork_checkpoint",
-                          "fork_release", "fork_restore"})
+                          "fork_release", "fork_restore",
+                          "checkpoint", "snapshots", "rollback", "suspend", "resume",
+                          "migrate_out", "migrate_in", "migrate_done"})
 COORDINATOR_METHODS = frozenset(set(METHODS) - {"facts", "fetch_template", "fork_checkpoint",
-                                                "fork_release", "fork_restore"})
+                                                "fork_release", "fork_restore", "migrate_out",
+                                                "migrate_in", "migrate_done"})
 
 
 # --- messages -------------------------------------------------------------------------------------------

@@ -4,16 +4,25 @@ Works on the default loop and on uvloop. Per connection the server reads frames,
 its own task (pipelining; at most max_inflight_per_conn at once, then it stops reading) and writes
 replies through one lock. End of stream from a client means it is gone: its in-flight requests are
 cancelled, so a client must keep its side open until it has its replies (no half-close).
+
+TCP is mutual TLS (pool/wire/tls.py): a server given TlsFiles completes the handshake before its
+connection handler runs, so a peer without a certificate of the cluster's CA never gets a frame read;
+a client names the node it expects (server_name) and fails with TlsError if the certificate does not
+say so. Plain TCP only when asked for by name (insecure_plain_tcp), for tests and local development:
+the hello's token then travels in clear.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
+import sys
 import threading
 import weakref
 from collections import deque
@@ -23,14 +32,16 @@ from typing import Any, Awaitable, Callable
 
 from pool import fds
 from pool.errors import (BadRequest, InternalError, NoCapacity, NodeUnavailable, NoReply, PoolError,
-                         PoolTimeout, ProtocolError)
+                         PoolTimeout, ProtocolError, SpecError)
 from pool.wire import protocol as P
+from pool.wire.tls import TlsFiles, closed_in_handshake, handshake_error, peer_name
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0          # how long a closing connection may take to flush before it is aborted
 BACKLOG = 1024               # pending connects; past it a client's non-blocking connect fails (EAGAIN)
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -41,7 +52,9 @@ class ConnContext:
     pid: int | None = None    # unix peer credentials (SO_PEERCRED), None on tcp
     uid: int | None = None
     gid: int | None = None
+    groups: tuple[int, ...] = ()  # the unix peer's supplementary groups (SO_PEERGROUPS)
     client: str = ""          # the name the client gave in its hello
+    cert_name: str = ""       # tcp over TLS: the node name in the client's (verified) certificate
 
 
 Handler = Callable[[str, dict, ConnContext], Awaitable[Any]]
@@ -85,13 +98,34 @@ def _peer_info(writer: asyncio.StreamWriter, transport: str) -> dict[str, Any]:
     sock = writer.get_extra_info("socket")
     if transport == "tcp":
         addr = writer.get_extra_info("peername") or ("?", 0)
-        return {"peer": f"{addr[0]}:{addr[1]}"}
+        name = peer_name(writer.get_extra_info("peercert"))
+        return {"peer": f"{addr[0]}:{addr[1]}" + (f" ({name})" if name else ""), "cert_name": name}
     try:
         pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
     except (OSError, AttributeError):
         return {"peer": "unix"}
-    return {"peer": f"pid={pid} uid={uid}", "pid": pid, "uid": uid, "gid": gid}
+    return {"peer": f"pid={pid} uid={uid}", "pid": pid, "uid": uid, "gid": gid,
+            "groups": _peer_groups(sock)}
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python has no constant for it
+MAX_GROUPS = 65536
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The unix peer's supplementary groups as the kernel recorded them at connect."""
+    size = 64 * 4
+    while size <= MAX_GROUPS * 4:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:  # more groups than fit: ask again with room for them
+                size *= 4
+                continue
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw)
+    return ()
 
 
 class RpcServer:
@@ -149,13 +183,34 @@ class RpcServer:
             lambda r, w: self._on_connect(r, w, "unix"), sock=sock))
         return path
 
-    async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
-        """Returns the bound address (useful with port 0)."""
+    async def serve_unix_socket(self, sock: socket.socket) -> Path:
+        """Serve a unix stream socket someone else bound and listens on (systemd's socket
+        activation). Its file is not ours: close() leaves it, so the next start is handed it again
+        and connections queued meanwhile are served."""
+        # Python 3.13's loop would unlink the socket file on close unless told not to (uvloop never
+        # does, and 3.11's loop has no such argument)
+        keep_file = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        self._servers.append(await asyncio.start_unix_server(
+            lambda r, w: self._on_connect(r, w, "unix"), sock=sock, **keep_file))
+        return Path(sock.getsockname())
+
+    async def start_tcp(self, host: str, port: int, *, tls: TlsFiles | None = None,
+                        insecure_plain_tcp: bool = False) -> tuple[str, int]:
+        """Listen with mutual TLS (tls), or in clear only if insecure_plain_tcp says so.
+        Returns the bound address (useful with port 0)."""
         if not self._tokens:
             raise ValueError("refusing to listen on TCP without authentication: "
                              "configure at least one token (RpcServer(tokens=...))")
-        server = await asyncio.start_server(lambda r, w: self._on_connect(r, w, "tcp"), host, port,
-                                            backlog=BACKLOG)
+        if tls is None and not insecure_plain_tcp:
+            raise ValueError("refusing to listen on TCP without TLS: give TLS files (--tls-dir), "
+                             "or insecure_plain_tcp for tests and local development")
+        if tls is None:
+            log.warning("rpc: listening on %s:%d in PLAIN TCP: tokens and data travel in clear "
+                        "(insecure plain TCP, for tests and local development only)", host, port)
+        server = await asyncio.start_server(
+            lambda r, w: self._on_connect(r, w, "tcp"), host, port, backlog=BACKLOG,
+            ssl=tls.server_context() if tls else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None)
         self._servers.append(server)
         return server.sockets[0].getsockname()[:2]
 
@@ -356,6 +411,37 @@ class RpcServer:
         return P.encode_frame(P.make_error(rid, InternalError(f"reply cannot be sent: {problem[:200]}")))
 
 
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the sockets systemd passes start at this fd
+
+
+def systemd_listen_socket() -> socket.socket | None:
+    """The listening unix socket systemd passed us (socket activation, the sd_listen_fds protocol:
+    LISTEN_PID is our pid, LISTEN_FDS the number of fds, from fd 3 on), or None if none was passed.
+    The variables are removed either way, so that no child (CRIU, a copy) sees them, and the fd is
+    made close-on-exec. SpecError if what was passed is not one listening unix stream socket."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or pid != str(os.getpid()):
+        return None  # none, or meant for the process that exec'd us
+    if count != "1":
+        raise SpecError("environment", "LISTEN_FDS",
+                        f"{count!r}: the service takes exactly one socket (ListenStream= the unix "
+                        "socket's path, in its .socket unit)")
+    fd = SD_LISTEN_FDS_START
+    try:
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SpecError("environment", "LISTEN_FDS", f"fd {fd} is not a socket") from e
+    if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_STREAM) \
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.close()
+        raise SpecError("environment", "LISTEN_FDS",
+                        f"fd {fd} is not a listening unix stream socket (ListenStream=PATH)")
+    return sock
+
+
 def _refuse_if_live(path: Path) -> None:
     """A socket file nobody listens on is stale and may go; a live one or a non-socket may not."""
     try:
@@ -399,14 +485,17 @@ class RpcClient:
                                   token, timeout, client)
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, token: str, *,
+    async def connect_tcp(cls, host: str, port: int, token: str, *, tls: TlsFiles | None = None,
+                          server_name: str | None = None, insecure_plain_tcp: bool = False,
                           timeout: float = 5.0, client: str = "pool-client") -> RpcClient:
-        return await cls._connect(f"{host}:{port}", lambda: asyncio.open_connection(host, port),
-                                  token, timeout, client)
+        """Over mutual TLS the server's certificate must name server_name (TlsError otherwise);
+        without tls only if insecure_plain_tcp says so (the token then travels in clear)."""
+        open_ = open_tcp(host, port, tls, server_name, insecure_plain_tcp)
+        return await cls._connect(f"{host}:{port}", open_, token, timeout, client, server_name)
 
     @classmethod
     async def _connect(cls, where: str, open_: Callable[[], Awaitable[tuple]], token: str | None,
-                       timeout: float, client: str) -> RpcClient:
+                       timeout: float, client: str, server_name: str | None = None) -> RpcClient:
         """Unreachable or silent servers become NodeUnavailable; refusals keep their own type."""
         async def go() -> RpcClient:
             reader, writer = await open_()
@@ -415,6 +504,12 @@ class RpcClient:
             return await asyncio.wait_for(go(), timeout)
         except asyncio.TimeoutError:
             raise NodeUnavailable(f"no answer from {where} within {timeout} s", address=where) from None
+        except (ssl.SSLError, ssl.CertificateError) as e:  # before OSError: SSLError is one
+            raise handshake_error(e, where, server_name) from e
+        except ProtocolError as e:
+            if server_name is not None and e.data.get("during") == "hello":
+                raise closed_in_handshake(where, server_name) from e
+            raise
         except OSError as e:
             raise NodeUnavailable(f"cannot connect to {where}: {e}", address=where) from e
 
@@ -424,7 +519,7 @@ class RpcClient:
             await self._writer.drain()
             reply = await self._frames.read()
             if reply is None:
-                raise ProtocolError("connection closed during hello")
+                raise ProtocolError("connection closed during hello", during="hello")
             self.server = P.check_hello_reply(reply)
         except BaseException:
             self._writer.transport.abort()
@@ -523,6 +618,21 @@ class RpcClient:
         await self.close()
 
 
+def open_tcp(host: str, port: int, tls: TlsFiles | None, server_name: str | None,
+             insecure_plain_tcp: bool, **kw: Any) -> Callable[[], Awaitable[tuple]]:
+    """A TCP connect (asyncio.open_connection) over mutual TLS, or plain when allowed by name."""
+    if tls is None:
+        if not insecure_plain_tcp:
+            raise ValueError("refusing to connect over TCP without TLS: give TLS files, "
+                             "or insecure_plain_tcp for tests and local development")
+        return lambda: asyncio.open_connection(host, port, **kw)
+    if not server_name:
+        raise ValueError("a TLS connection needs the server's node name (server_name)")
+    ctx = tls.client_context()
+    return lambda: asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_name,
+                                           ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT, **kw)
+
+
 def idle_close(err: BaseException | None) -> bool:
     """Is err the server's notice that it closed an idle connection (see RpcServer idle_timeout)?"""
     return isinstance(err, ProtocolError) and "idle_timeout" in err.data
@@ -563,9 +673,12 @@ class SyncRpcClient:
         return cls._open(lambda: RpcClient.connect_unix(path, token, timeout=timeout, client=client))
 
     @classmethod
-    def connect_tcp(cls, host: str, port: int, token: str, *,
+    def connect_tcp(cls, host: str, port: int, token: str, *, tls: TlsFiles | None = None,
+                    server_name: str | None = None, insecure_plain_tcp: bool = False,
                     timeout: float = 5.0, client: str = "pool-client") -> SyncRpcClient:
-        return cls._open(lambda: RpcClient.connect_tcp(host, port, token, timeout=timeout, client=client))
+        return cls._open(lambda: RpcClient.connect_tcp(
+            host, port, token, tls=tls, server_name=server_name,
+            insecure_plain_tcp=insecure_plain_tcp, timeout=timeout, client=client))
 
     @property
     def server(self) -> str:

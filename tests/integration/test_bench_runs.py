@@ -105,3 +105,64 @@ def test_soak_bench_runs_and_reports(tmp_path):
         assert set(x["growth"]) == {"fds", "rss_mb", "children", "run_dir_entries"}
     report(out)
     assert "## Soak: spawn + kill cycles" in out.with_suffix(".md").read_text()
+
+
+def test_lazy_bench_runs(tmp_path):
+    data = run_quick("test_lazy_bench.py", tmp_path / "bench.json", timeout=900)
+    assert set(data) == {"test_lazy_vs_full_miss[jvm-app]", "test_lazy_vs_full_miss[node-app]"}
+    for bench in data.values():
+        modes = bench["extra_info"]["modes"]
+        assert set(modes) == {"full", "lazy"} and all(modes[m]["answer_s"] for m in modes)
+        assert bench["extra_info"]["working_set_pages"] > 0
+
+
+def test_fork_bench_runs(tmp_path):
+    data = run_quick("test_fork_bench.py", tmp_path / "fork.json")
+    assert set(data) == {"test_fork_miss", "test_fork_memory", "test_embed_fork"}
+    modes = data["test_fork_miss"]["extra_info"]["modes"]
+    assert set(modes) == {"fork-miss", "criu-miss"}
+    assert all(len(m["answer_s"]) == 2 for m in modes.values())  # BENCH_QUICK: 2 kept cycles
+    for name in ("test_fork_memory", "test_embed_fork"):
+        info = data[name]["extra_info"]
+        assert len(info["pss_bytes"]) == info["copies"] and info["copies_in_20_gib"] > 0
+    report(tmp_path / "fork.json")
+
+
+def test_demand_bench_runs_and_reports(tmp_path):
+    out = tmp_path / "demand.json"
+    data = run_quick("test_demand_bench.py", out)
+    assert set(data) == {"test_warm_round_trip", "test_burst[autoscale]", "test_burst[fixed]",
+                         "test_burst[fork]"}
+    assert len(data["test_warm_round_trip"]["extra_info"]["spawn_call_s"]) == 20
+    for config in ("autoscale", "fixed", "fork"):
+        x = data[f"test_burst[{config}]"]["extra_info"]
+        assert x["errors"] == {} and x["hits"] + x["misses"] == x["spawns"] == 40
+    assert data["test_burst[fixed]"]["extra_info"]["target_after"] == 2  # the floor, no waiters left
+    assert data["test_burst[autoscale]"]["extra_info"]["target_before"] == 0
+    report(out)
+    md = out.with_suffix(".md").read_text()
+    assert "## Warm pools that follow demand" in md and "| autoscale | py-hello | 40 | 8 |" in md
+    assert "## Goals: misses in milliseconds" in md and "py-hello copies per second" in md
+
+
+def test_crypt_bench_runs(tmp_path):
+    data = run_quick("test_crypt_bench.py", tmp_path / "crypt.json", timeout=900)
+    assert set(data) == {"test_encrypted_restore[py-hello]", "test_encrypted_restore[jvm-app]"}
+    for bench in data.values():
+        info = bench["extra_info"]
+        assert set(info["modes"]) == {"plain", "sealed-cached", "sealed-decrypt"}
+        assert all(len(m["answer_s"]) == 2 for m in info["modes"].values())
+        assert info["ram_cache_bytes"] == info["image_bytes"] < info["sealed_bytes"]
+        assert len(info["decrypt_s"]) == 2
+
+
+def test_etcd_bench_runs(tmp_path):
+    data = run_quick("test_etcd_bench.py", tmp_path / "bench.json")
+    assert {b["extra_info"]["coordinators"] for b in data.values()} == {1, 2}
+    assert all(b["extra_info"]["spawns_per_s"] > 0 for b in data.values())
+
+
+def test_live_bench_runs(tmp_path):
+    data = run_quick("test_live_bench.py", tmp_path / "out.json")
+    assert set(data) == {"test_live_checkpoint", "test_wake_on_connect", "test_rollback"}
+    assert data["test_live_checkpoint"]["extra_info"]["freeze_ms_p50"] > 0

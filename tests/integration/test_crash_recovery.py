@@ -23,7 +23,8 @@ from pool.cr.criu import become_subreaper
 from pool.errors import PoolError
 
 pytestmark = pytest.mark.integration
-CONFIG = "[templates.py-hello]\nmin_warm = {warm}\n[service]\nexited_history = 0\n{extra}"
+# fixed pools (max_warm = min_warm): these tests count copies and restores
+CONFIG = "[templates.py-hello]\nmin_warm = {warm}\nmax_warm = {warm}\n[service]\nexited_history = 0\n{extra}"
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_service_sigkilled_with_3_live_copies_adopts_them_on_restart(service, su
             rows = {r["id"]: r for r in c.list()}
             assert set(rows) == {i.id for i in insts}
             for n, i in enumerate(insts):
-                assert rows[i.id]["pid"] == i.pid and rows[i.id]["env"] == {"N": str(n)}
+                assert rows[i.id]["pid"] == i.pid and rows[i.id]["env_keys"] == ["N"]
                 assert rows[i.id]["address"] == i.address  # its host port was free again
                 assert ask(rows[i.id]["address"], PROBES["py-hello"])["instance"] == i.id
             assert c.stats()["templates"]["py-hello"]["live"] == 3
@@ -264,7 +265,8 @@ def test_a_copys_logs_are_capped_and_rotated(store, criu, tmp_path):
     (folder / "app.py").write_text(CHATTY)
     (folder / "template.toml").write_text('command = ["python3", "app.py"]\n[ready]\nsdk = true\n')
     build(load_spec(folder), store, criu)
-    with LocalService(store.root, tmp_path, "[service]\nmax_log_bytes = 4096\n") as svc, \
+    with LocalService(store.root, tmp_path,  # a fixed pool: one copy, one instance dir
+                      "[service]\nmax_log_bytes = 4096\n[templates.chatty]\nmax_warm = 0\n") as svc, \
             svc.client() as c:
         inst = c.spawn("chatty", timeout=60)
         wait_until(lambda: inst.logs() == b"ready\n", what="the copy's first line")

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tlscerts import Cluster
 
 from pool.cli.demo import LocalService
 from pool.errors import PoolError
@@ -128,7 +129,8 @@ def test_every_dashboard_panel_answers_from_a_real_prometheus(session_store, bui
     with open(pages, "r+b") as f:
         f.write(b"\xff" * 64)
     dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
-    exprs = {f"{p['title']} [{t['refId']}]": t["expr"].replace("$template", ".*")
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "node", "template"]
+    exprs = {f"{p['title']} [{t['refId']}]": t["expr"].replace("$template", ".*").replace("$node", ".*")
              for p in dashboard["panels"] for t in p.get("targets", [])}
     metrics_port = free_port()
     config = "[templates.py-hello]\nmin_warm = 2\n[templates.breaks]\nmin_warm = 1\n"
@@ -166,6 +168,7 @@ def test_an_agent_serves_its_own_metrics_to_prometheus(tmp_path):
             [sys.executable, "-m", "pool.cli", "agent", "--listen", f"127.0.0.1:{agent_port}",
              "--token-file", str(token), "--store", str(tmp_path / "store"),
              "--run-dir", str(tmp_path / "run"), "--name", "edge-1",
+             "--tls-dir", str(Cluster(tmp_path / "certs").dir("edge-1")),
              "--metrics", f"127.0.0.1:{metrics_port}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -178,6 +181,9 @@ def test_an_agent_serves_its_own_metrics_to_prometheus(tmp_path):
             assert float(answers(prom_port, 'pool_node_capacity{node="edge-1"}')[0]["value"][1]) == 64
             assert float(answers(prom_port, 'pool_node_free{node="edge-1"}')[0]["value"][1]) == 64
             assert answers(prom_port, "pool_build_info")[0]["metric"]["version"]
+            # every series of the agent carries its node: the dashboard's node dimension
+            assert answers(prom_port, 'pool_build_info{node="edge-1"}')
+            assert not answers(prom_port, '{__name__=~"pool_.*", node=""}')
     finally:
         agent.terminate()
         assert agent.wait(30) == 0, (tmp_path / "agent.log").read_text()

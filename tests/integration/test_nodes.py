@@ -5,29 +5,38 @@ Real CRIU, real processes, real TCP between the namespaces.
 Shown: spawns are spread and land where the template is cached; a first spawn on a cold node ships
 the template; instance calls route to the instance's node; remote fork (eager and lazy) keeps the
 memory state; an agent SIGKILLed mid-spawn or mid-transfer, a cut link, a corrupted image in
-transit all end in a typed error or a rerouted spawn with nothing half-installed; unauthenticated
-peers get nothing but a refusal; everything is cleaned up (the autouse leak check).
+transit all end in a typed error or a rerouted spawn with nothing half-installed; every link is
+mutual TLS: peers without a certificate of the cluster's CA, or with another node's, are refused in
+the handshake (both directions), unauthenticated peers inside TLS get nothing but a refusal;
+everything is cleaned up (the autouse leak check).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from poollab import AGENT_PORT, PoolLab
+from poollab import AGENT_PORT, COORDINATOR, PoolLab
+from tlscerts import Cluster
+from replyshape import assert_shape
 
-from pool.errors import NodeUnavailable, TemplateCorrupt
+from pool.errors import NodeUnavailable, TemplateCorrupt, TlsError
 from pool.templates.build import build
 from pool.templates.spec import load_spec
 from pool.templates.store import Store
 from pool.wire import protocol as P
+from pool.wire import replies as R
+from pool.wire.rpc import RpcClient
+from pool.wire.tls import TlsFiles
 
 pytestmark = pytest.mark.integration
 COUNTER = Path(__file__).resolve().parents[1] / "apps" / "counter"
@@ -74,24 +83,25 @@ def test_spawns_spread_where_cached_and_a_cold_node_gets_the_template_shipped(po
     pl = pool_lab()
     with pl.client() as c:
         for host in ("n1", "n2"):
-            r = c.push("counter", host)
+            r = assert_shape(c.push("counter", host), R.FetchResult)
             assert r["build_id"] == counter.build_id and r["files_sent"] > 0
             assert r["bytes_wire"] < r["bytes_raw"]                 # compressed on the wire
-        assert c.push("counter", "n1")["already_current"]
+        assert assert_shape(c.push("counter", "n1"), R.FetchResult)["already_current"]
         insts = [c.spawn("counter") for _ in range(4)]
         assert sorted(i.node for i in insts) == ["n1", "n1", "n2", "n2"]  # cached, then free slots
-        cold = c.call("spawn", {"template": "counter", "node": "n3", "timeout": 60.0}, 90)
+        cold = assert_shape(c.call("spawn", {"template": "counter", "node": "n3", "timeout": 60.0}, 90),
+                            R.SpawnReply)
         assert cold["node"] == "n3" and cold["shipped"]["files_sent"] > 0
         assert cold["shipped"]["build_id"] == counter.build_id
         assert published(pl, "n3") == ["counter"] and not part_files(pl, "n3")
-        nodes = {r["name"]: r for r in c.nodes()}
+        nodes = {r["name"]: r for r in assert_shape(c.nodes(), list[R.NodeView])}
         assert nodes["n3"]["templates"] == {"counter": counter.build_id}
 
         # instance calls go to the instance's node; ports are published on the node's address
         assert cold["address"].startswith(pl.lab.address("n3") + ":")
         assert pl.get(cold["address"], "/inc")["count"] == 1
         assert pl.get(insts[0].address)["instance"] == insts[0].id
-        rows = c.list("counter")
+        rows = assert_shape(c.list("counter"), list[R.CopyInfo])
         assert {(r["id"], r["node"]) for r in rows} == \
             {(i.id, i.node) for i in insts} | {(cold["id"], "n3")}
         assert c.info(cold["id"])["node"] == "n3"
@@ -99,7 +109,7 @@ def test_spawns_spread_where_cached_and_a_cold_node_gets_the_template_shipped(po
         for iid in [i.id for i in insts] + [cold["id"]]:
             assert c.kill(iid, grace=0)["exit_status"] is not None
         assert c.list() == []
-        stats = c.stats()
+        stats = assert_shape(c.stats(), R.ServiceStats)
         assert set(stats["nodes"]) == {"n1", "n2", "n3"}
 
 
@@ -109,7 +119,7 @@ def test_remote_fork_keeps_the_memory_state_and_gets_a_fresh_identity(pool_lab):
         orig = c.spawn("counter", node="n2")
         for _ in range(3):
             pl.get(orig.address, "/inc")
-        fork = c.fork(orig.id, node="n3", hostname="forked-one")
+        fork = assert_shape(c.fork(orig.id, node="n3", hostname="forked-one"), R.ForkReply)
         assert fork["node"] == "n3" and fork["id"] != orig.id and fork["path"] == "restore"
         assert fork["forked_from"] == {"id": orig.id, "template": "counter", "node": "n2"}
         assert pl.get(fork["address"])["count"] == 3                # state as at the fork
@@ -138,7 +148,7 @@ def test_lazy_remote_fork_restores_at_once_and_fetches_the_memory(pool_lab, coun
         for _ in range(2):
             pl.get(orig.address, "/inc")
         checksum = pl.get(orig.address, "/sum", timeout=30)["sum"]
-        fork = c.fork(orig.id, node="n2", lazy=True)
+        fork = assert_shape(c.fork(orig.id, node="n2", lazy=True), R.ForkReply)
         assert fork["node"] == "n2" and fork["path"] == "lazy" and fork["lazy"]
         assert fork["image_bytes"] < counter_big.image_bytes / 4   # the memory came on demand
         assert pl.get(fork["address"], "/inc", timeout=30)["count"] == 3
@@ -253,23 +263,58 @@ def test_an_image_corrupted_in_transit_is_refused_and_nothing_is_installed(pool_
         assert c.list() == []
 
 
-def _raw(pl: PoolLab, host: str, data: bytes) -> list[dict]:
-    """Send data to host's agent from n1; every frame it answers until it closes."""
+def _raw(pl: PoolLab, host: str, data: bytes, tls: bool = True) -> list[dict]:
+    """Send data to host's agent from n1 (inside TLS with the coordinator's certificate, or in
+    clear); every frame it answers until it closes."""
     s = pl.lab.connect("n1", host, AGENT_PORT, timeout=5)
+    if tls:
+        s = pl.certs.node(COORDINATOR).client_context().wrap_socket(s, server_hostname=host)
     try:
         s.sendall(data)
         got = b""
         while chunk := s.recv(65536):
             got += chunk
-    except (ConnectionResetError, socket.timeout):
+    except (ConnectionResetError, socket.timeout, ssl.SSLError):
         pass
     finally:
         s.close()
     return P.FrameDecoder().feed(got)
 
 
+def _connect_from_n1(pl: PoolLab, host: str, tls: TlsFiles, token: str,
+                     expect: str | None = None) -> None:
+    """An RPC connection from inside n1 to host's agent with tls's certificate, expecting node
+    `expect` (default host) there; raises its error."""
+    expect = expect or host
+
+    async def go():
+        sock = pl.lab.socket("n1")
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (pl.lab.address(host), AGENT_PORT))
+        except BaseException:
+            sock.close()
+            raise
+        client = await RpcClient._connect(
+            host, lambda: asyncio.open_connection(sock=sock, ssl=tls.client_context(),
+                                                  server_hostname=expect),
+            token, 5.0, "rogue", server_name=expect)
+        await client.close()
+    asyncio.run(go())
+
+
 def test_unauthenticated_or_wrong_token_peers_get_only_a_refusal(pool_lab):
+    """Inside TLS (the coordinator's certificate) the token is checked as before; a peer in clear
+    or with a certificate of another CA (a rogue coordinator) gets no frame at all."""
     pl = pool_lab()
+    token = pl.token_file("n2").read_text().strip()
+    ping = P.encode_frame(P.make_hello(token, "x")) + P.encode_frame(P.make_request(2, "list", {}))
+    assert _raw(pl, "n2", ping, tls=False) == []            # plaintext: nothing, not even a refusal
+    rogue = pl.certs.impostor(Cluster(pl.workdir / "rogue-ca"), COORDINATOR)
+    with pytest.raises(TlsError, match="does not accept our certificate"):
+        _connect_from_n1(pl, "n2", TlsFiles.load(rogue), token)
+    with pytest.raises(TlsError, match="does not name 'n2'"):       # n3's agent is not n2
+        _connect_from_n1(pl, "n3", pl.certs.node(COORDINATOR), token, expect="n2")
     spawn = P.encode_frame(P.make_request(1, "spawn", {"template": "counter"}))
     list_ = P.encode_frame(P.make_request(2, "list", {}))
     for hello in (P.make_hello("wrong-token-0123456789", "x"), P.make_hello(None, "x")):
@@ -289,3 +334,25 @@ def test_unauthenticated_or_wrong_token_peers_get_only_a_refusal(pool_lab):
         with pytest.raises(Exception) as e:
             c.call("fetch_template", {"name": "counter", "source": "1.2.3.4:5"})
         assert getattr(e.value, "code", "") == "bad_request"
+
+
+def test_a_rogue_agent_is_refused_by_the_coordinator_and_the_node_stays_down(pool_lab):
+    """At n3's address: an agent with n2's certificate (the cluster's CA, another name), then one
+    whose certificate another CA signed. The coordinator refuses both in the handshake and says why;
+    the real agent back, n3 is up again."""
+    pl = pool_lab()
+    pl.kill_agent("n3")
+    pl.wait_nodes(lambda rows: not rows["n3"]["healthy"], what="n3 down")
+    rogue_ca = Cluster(pl.workdir / "rogue-ca")
+    for tls_dir, name, problem in [(pl.certs.dir("n2"), "n2", "does not name 'n3'"),
+                                   (rogue_ca.dir("n3"), "n3", "not signed by this cluster's CA")]:
+        pl.start_agent("n3", tls_dir=tls_dir, name=name)
+        rows = pl.wait_nodes(lambda rows: problem in (rows["n3"]["last_error"] or ""),
+                             what=f"n3 refused: {problem}")
+        assert not rows["n3"]["healthy"] and "TLS handshake" in rows["n3"]["last_error"]
+        with pl.client() as c:
+            with pytest.raises(NodeUnavailable):
+                c.spawn("counter", node="n3", timeout=30)
+        pl.kill_agent("n3")
+    pl.start_agent("n3")
+    pl.wait_nodes_up("n3")

@@ -13,17 +13,20 @@ import urllib.request
 
 import psutil
 import pytest
+from replyshape import assert_shape
 from servicelab import POOL, cli, copies_of, wait_until
 
 import pool
 from pool.cli.demo import PROBES, LocalService, ask
 from pool.errors import NoCapacity, Quarantined
+from pool.wire import replies as R
 
 pytestmark = pytest.mark.integration
 
 
 def test_spawn_kill_wait_logs_list_with_the_python_client(service, monkeypatch):
-    svc = service()
+    # a fixed pool (max_warm 0: never above min_warm), so that set-warm 0 below empties it
+    svc = service("[templates.py-hello]\nmin_warm = 2\nmax_warm = 0\nmax_live = 32\n")
     svc.wait_warm("py-hello", 2)
     with svc.client() as c:
         inst = c.spawn("py-hello", env={"GREETING": "hi"}, args=["one", "two"], hostname="copy-a")
@@ -151,12 +154,38 @@ def test_an_instance_used_as_a_context_manager_is_killed_on_exit(service):
     assert asyncio.run(with_async_client()) == "killed"
 
 
+def test_every_reply_has_the_shape_its_type_declares(service):
+    # the client's static types (pool/wire/replies.py) hold for what a real service sends
+    svc = service()
+    svc.wait_warm("py-hello", 1)
+    with svc.client() as c:
+        assert_shape(c.ping(), R.Pong)
+        secret = "s3cret-" + os.urandom(8).hex()
+        spawned = assert_shape(c.call("spawn", {"template": "py-hello", "env": {"API_KEY": secret},
+                                                "args": [], "timeout": 30.0}, 35), R.SpawnReply)
+        iid = spawned["id"]
+        info = assert_shape(c.info(iid), R.CopyInfo)
+        assert "stats" in info and info["env_keys"] == ["API_KEY"]
+        # env values are secrets: never in a reply, nor in what the service keeps on disk
+        assert secret not in repr(info) + repr(c.list()) + repr(c.stats())
+        assert not [f for f in (svc.workdir / "run").rglob("*.json") if secret in f.read_text()]
+        assert [r["id"] for r in assert_shape(c.list(), list[R.CopyInfo])] == [iid]
+        wait_until(lambda: assert_shape(c.logs(iid), R.LogChunk)["data"], what="the copy's log")
+        assert assert_shape(c.wait(iid, timeout=0.1), R.CopyInfo)["exit_status"] is None
+        assert assert_shape(c.set_warm("py-hello", 1), R.PoolFigures)["min_warm"] == 1
+        assert assert_shape(c.stats(), R.ServiceStats)["templates"]["py-hello"]["live"] == 1
+        assert {t["name"] for t in assert_shape(c.templates(), list[R.TemplateInfo])} >= {"py-hello"}
+        assert [n["name"] for n in assert_shape(c.nodes(), list[R.NodeView])] == ["local"]
+        assert assert_shape(c.kill(iid, grace=0), R.CopyInfo)["end_cause"] == "killed"
+        assert assert_shape(c.info(iid), R.CopyInfo)["exited_at"] is not None
+
+
 def _service_fds(pid):
     return psutil.Process(pid).num_fds()
 
 
 def test_200_spawns_from_a_warm_pool_leak_nothing(service):
-    svc = service("[templates.py-hello]\nmin_warm = 4\nmax_live = 16\n"
+    svc = service("[templates.py-hello]\nmin_warm = 4\nmax_warm = 4\nmax_live = 16\n"  # fixed: it counts copies
                   "[service]\nexited_history = 50\n")
     svc.wait_warm("py-hello", 4)
     fds_before, kids_before = _service_fds(svc.pid), copies_of(svc.pid)

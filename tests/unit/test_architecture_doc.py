@@ -22,3 +22,10 @@ def test_every_module_is_in_the_module_table():
             continue
         rel = path.relative_to(ROOT)
         assert f"(../{rel})" in table, f"{rel} is missing from docs/architecture.md"
+
+
+def test_test_modules_have_unique_names():
+    # pytest imports test modules by their base name (no packages under tests/): two of one name
+    # stop the whole run at collection
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -9,6 +9,7 @@ from importlib import metadata
 
 import pytest
 
+from pool.cli import demo
 from pool.cli.main import main
 
 POOL = [sys.executable, "-m", "pool.cli"]
@@ -81,3 +82,9 @@ def test_tables_are_as_wide_as_their_data():
     assert lines[0] == "NAME" + " " * 59 + "      N  NOTE"
     assert lines[1] == long + "      7  a"
     assert lines[2] == "x" + " " * 62 + "  12345  -"
+
+
+def test_the_demo_finds_its_templates():
+    # `make demo` builds these from the checkout's templates/ folder
+    for name in demo.DEMO_TEMPLATES:
+        assert (demo.TEMPLATES / name / "template.toml").is_file(), name

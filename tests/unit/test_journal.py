@@ -2,6 +2,7 @@
 on real files and real (sleep) processes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -56,6 +57,21 @@ def test_a_record_round_trips_and_a_bad_one_is_none(tmp_path):
     journal.forget(d)
     journal.forget(d)  # idempotent
     assert journal.read(d) is None
+
+
+def test_a_record_keeps_env_names_only_and_reads_older_records(tmp_path):
+    d = tmp_path / "e1.x"
+    d.mkdir()
+    inst = instance(d, os.getpid())
+    inst.env_keys = ["API_KEY", "MODE"]
+    journal.write(d, journal.Record.of(inst, "local", journal.LIVE))
+    assert journal.read(d).env_keys == ["API_KEY", "MODE"]
+    # a record written before env_keys held the values: read as names, values dropped
+    raw = json.loads((d / journal.RECORD).read_text())
+    del raw["env_keys"]
+    raw["env"] = {"MODE": "x", "API_KEY": "s3cret"}
+    (d / journal.RECORD).write_text(json.dumps(raw))
+    assert journal.read(d).env_keys == ["API_KEY", "MODE"]
 
 
 def test_recover_adopts_live_kills_warm_and_cleans_the_rest(tmp_path, sleepers):

@@ -17,10 +17,16 @@ from pool.node.warm import WarmSettings
 SPAWN_KEYS = {"id", "template", "pid", "address", "path", "node", "spawn_ms"}
 
 
+def fixed(min_warm=0, **kw) -> WarmSettings:
+    """A pool that keeps exactly min_warm ready (max_warm = min_warm): these tests count restores;
+    demand-following pools are tested in test_warm.py and test_demand.py."""
+    return WarmSettings(min_warm=min_warm, **{"max_warm": min_warm, **kw})
+
+
 def node(tmp_path, capacity=2, **templates):
     settings = NodeSettings(store=tmp_path / "store", run_dir=tmp_path, capacity=capacity,
-                            kill_grace=0.5, drain_timeout=1.0,
-                            templates={n: WarmSettings(**kw) for n, kw in templates.items()})
+                            kill_grace=0.5, drain_timeout=1.0, defaults=fixed(),
+                            templates={n: fixed(**kw) for n, kw in templates.items()})
     restorer = FakeRestorer(tmp_path, *(templates or {"t": {}}))
     return NodeRuntime(settings, FakeMetrics(), name="n1", restorer=restorer)
 
@@ -48,7 +54,7 @@ def test_spawn_list_info_kill_reply_shapes(tmp_path):
         assert r["template"] == "t" and r["node"] == "n1" and r["path"] == "restore"
         (inst,) = rt.restorer.made
         assert r["id"] == inst.id and r["pid"] == inst.pid
-        assert inst.env == {"A": "1"} and inst.args == ["x"] and inst.state == "running"
+        assert inst.env_keys == ["A"] and inst.args == ["x"] and inst.state == "running"
 
         (listed,) = await api.handle("list", {"template": None})
         assert listed["id"] == r["id"] and listed["node"] == "n1" and listed["end_cause"] is None
@@ -56,7 +62,8 @@ def test_spawn_list_info_kill_reply_shapes(tmp_path):
         assert await api.handle("list", {"template": "other"}) == []
 
         info = await api.handle("info", {"id": r["id"]})
-        assert set(info["stats"]) == {"rss_bytes", "pss_bytes", "cpu_s", "processes"}
+        assert set(info["stats"]) == {"rss_bytes", "pss_bytes", "cpu_s", "processes", "memory_bytes",
+                                      "memory_limit_bytes"}
 
         killed = await api.handle("kill", {"id": r["id"], "grace": 1.0})
         assert inst.signals == [signal.SIGTERM]

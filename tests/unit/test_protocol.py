@@ -90,7 +90,7 @@ def req(method, params=None, rid=1):
 def test_defaults_are_filled_and_fresh():
     r = req("spawn", {"template": "py"})
     assert r == P.Request(1, "spawn", {"template": "py", "env": {}, "args": [], "timeout": 30.0,
-                                       "node": None, "hostname": None})
+                                       "node": None, "hostname": None, "owner": None})
     r.params["env"]["X"] = "1"
     assert req("spawn", {"template": "py"}).params["env"] == {}  # the default was copied
     assert req("ping").params == {}
@@ -102,7 +102,9 @@ def test_defaults_are_filled_and_fresh():
 def test_every_method_has_a_schema_entry():
     assert set(P.METHODS) == {"ping", "spawn", "kill", "wait", "list", "info", "logs", "templates",
                               "stats", "set_warm", "nodes", "push", "fork", "facts",
-                              "fetch_template", "fork_checkpoint", "fork_release", "fork_restore"}
+                              "fetch_template", "fork_checkpoint", "fork_release", "fork_restore",
+                              "checkpoint", "snapshots", "rollback", "suspend", "resume",
+                              "migrate", "migrate_out", "migrate_in", "migrate_done"}
     assert P.NODE_METHODS | P.COORDINATOR_METHODS == set(P.METHODS)
 
 

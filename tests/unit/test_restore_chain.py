@@ -47,7 +47,8 @@ class FakeCriu:
         self.pids.append(pid)
         return pid
 
-    def lazy_pages(self, images_dir: Path, work_dir: Path, *, page_server=None) -> FakeLazyPages:
+    def lazy_pages(self, images_dir: Path, work_dir: Path, *, page_server=None,
+                   log_faults=True) -> FakeLazyPages:
         self.calls.append(f"lazy_pages({page_server})")
         self.daemons.append(FakeLazyPages())
         return self.daemons[-1]

@@ -266,22 +266,24 @@ def test_tcp_refuses_to_start_without_tokens(arun):
     async def main():
         for tokens in [None, set()]:
             with pytest.raises(ValueError, match="without authentication"):
-                await RpcServer(Handler(), tokens=tokens).start_tcp("127.0.0.1", 0)
+                await RpcServer(Handler(), tokens=tokens).start_tcp("127.0.0.1", 0,
+                                                                    insecure_plain_tcp=True)
     arun(main())
     with pytest.raises(ValueError):
         RpcServer(Handler(), tokens={""})
 
 
 def test_tcp_with_token(arun):
+    """The token check, seen in clear (insecure_plain_tcp); over TLS it is the same check inside."""
     async def main():
         handler = Handler()
         server = RpcServer(handler, tokens={TOKEN})
-        host, port = await server.start_tcp("127.0.0.1", 0)
-        async with await RpcClient.connect_tcp(host, port, TOKEN) as client:
+        host, port = await server.start_tcp("127.0.0.1", 0, insecure_plain_tcp=True)
+        async with await RpcClient.connect_tcp(host, port, TOKEN, insecure_plain_tcp=True) as client:
             assert await client.call("ping") == "pong"
             assert handler.contexts[0].transport == "tcp" and handler.contexts[0].uid is None
         with pytest.raises(errors.AuthError):
-            await RpcClient.connect_tcp(host, port, "nope")
+            await RpcClient.connect_tcp(host, port, "nope", insecure_plain_tcp=True)
 
         # A wrong token gets the refusal and nothing else.
         reader, writer = await asyncio.open_connection(host, port)

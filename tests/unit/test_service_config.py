@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pool.cluster.config import load_config, read_token
+from pool.cr.cgroups import Limits
 from pool.errors import SpecError
 
 
@@ -98,3 +99,52 @@ def test_warm_copies_of_all_templates_must_fit_the_capacity(tmp_path):
         load_config(p)
     assert e.value.field == "service.capacity" and "add up to 5" in e.value.problem
     assert load_config(p, capacity=5).capacity == 5
+
+
+@pytest.mark.parametrize("text, size", [("16G", 16 << 30), ("512M", 512 << 20), ("1048576", 1 << 20),
+                                        ("2GiB", 2 << 30), ("64k", 64 << 10), ("1T", 1 << 40)])
+def test_memory_budget_is_a_size(tmp_path, text, size):
+    cfg = load_config(write(tmp_path, f'[service]\nmemory_budget = "{text}"\n'))
+    assert cfg.memory_budget == size and cfg.node_settings().memory_budget == size
+    assert load_config(None).memory_budget is None            # no budget unless asked
+
+
+@pytest.mark.parametrize("value", ['"16Q"', '"-1G"', '"0"', '"G"', '"1.5G"', "16"])
+def test_a_bad_memory_budget_names_the_field(tmp_path, value):
+    with pytest.raises(SpecError, match="service.memory_budget") as e:
+        load_config(write(tmp_path, f"[service]\nmemory_budget = {value}\n"))
+    assert e.value.data["field"] == "service.memory_budget"
+
+
+def test_max_warm_is_at_most_max_live(tmp_path):
+    cfg = load_config(write(tmp_path, "[templates.a]\nmin_warm = 1\nmax_warm = 4\nmax_live = 8\n"
+                                      "[templates.b]\nmin_warm = 2\n[templates.c]\nmin_warm = 3\n"
+                                      "max_warm = 0\n"))
+    assert cfg.templates["a"].max_warm == 4 and cfg.templates["b"].max_warm is None
+    assert cfg.templates["c"].max_warm == 0                   # at or below min_warm: fixed
+    for bad in ("max_warm = 9\nmax_live = 8\n", "max_warm = -1\n"):
+        with pytest.raises(SpecError, match="templates.a.max_warm"):
+            load_config(write(tmp_path, f"[templates.a]\n{bad}"))
+
+
+def test_copy_limits_defaults(tmp_path):
+    assert load_config(None).copy_limits == Limits()
+    cfg = load_config(write(tmp_path, '[limits]\nmemory = "1G"\ncpus = 2\npids = 512\n'))
+    assert cfg.copy_limits == Limits(memory=1 << 30, cpus=2.0, pids=512)
+    assert cfg.node_settings().copy_limits == cfg.copy_limits
+    with pytest.raises(SpecError) as e:
+        load_config(write(tmp_path, '[limits]\nmemory = "1X"\n'))
+    assert e.value.field == "limits.memory"
+
+
+def test_encrypt_images_and_the_key_reach_the_node(tmp_path):
+    from pool.cluster.config import load_config  # noqa: PLC0415
+
+    f = tmp_path / "pool.toml"
+    f.write_text(f'[service]\nencrypt_images = true\nimage_key = "{tmp_path}/k/image.key"\n')
+    cfg = load_config(f, store=str(tmp_path / "store"))
+    s = cfg.node_settings()
+    assert s.encrypt_images and s.image_key == tmp_path / "k" / "image.key"
+    st = cfg.open_store()
+    assert st.encrypted and (tmp_path / "k" / "image.key").stat().st_mode & 0o777 == 0o600
+    assert not load_config(None, store=str(tmp_path / "store")).open_store().encrypted

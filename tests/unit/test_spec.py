@@ -95,7 +95,8 @@ def test_minimal_spec_defaults(tmp_path):
     assert s.warmup is None
     assert (s.network.mode, s.network.port) == ("none", None)
     assert (s.checkpoint.tcp_close, s.checkpoint.ghost_limit) == (False, None)
-    assert (s.restore.identity_timeout, s.restore.hostname) == (10.0, None)
+    assert (s.restore.identity_timeout, s.restore.hostname, s.restore.method) == (10.0, None, "criu")
+    assert "method" not in s.to_dict()["restore"]  # the default keeps older templates' digests
     assert len(s.digest) == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.name = "x"
@@ -118,6 +119,15 @@ def test_ready_modes(tmp_path, ready, mode, value):
     s = load_spec(write(tmp_path, f'command = ["x"]\n[ready]\n{ready}\n'))
     assert (s.ready.mode, s.ready.value) == (mode, value)
     assert type(s.ready.value) is type(value)
+
+
+def test_secret_env_names_a_file_and_is_kept_apart(tmp_path):
+    d = write(tmp_path, MIN + '[env]\nMODE = "fast"\nAPI_KEY = { secret_file = "../key" }\n')
+    s = load_spec(d)
+    assert s.env == (("MODE", "fast"),)                        # what the app boots with
+    assert s.secret_env == (("API_KEY", str((d / "../key").resolve())),)
+    assert s.to_dict()["secret_env"] == {"API_KEY": str((d / "../key").resolve())}
+    assert "secret_env" not in load_spec(write(tmp_path, MIN, "plain")).to_dict()
 
 
 def test_absolute_cwd_and_identity_timeout(tmp_path):
@@ -235,6 +245,12 @@ CASES = [
     (C + R + '[restore]\nhostname = ""\n', "restore.hostname", "may only contain"),
     (C + R + '[restore]\nhostname = "' + "a" * 52 + '{id}"\n', "restore.hostname", "64 chars"),
     (C + R + "[restore]\nhostname = 1\n", "restore.hostname", "expected a string, got int"),
+    # secret env
+    (C + R + '[env]\nKEY = { secret = "x" }\n', "env.KEY.secret", "did you mean 'secret_file'"),
+    (C + R + '[env]\nKEY = { secret_file = "" }\n', "env.KEY.secret_file", "must not be empty"),
+    (C + '[ready]\ntcp = 80\n[env]\nKEY = { secret_file = "k" }\n', "env.KEY", "only SDK templates"),
+    (C + R + '[restore]\nmethod = "clone"\n', "restore.method", "expected one of 'criu', 'fork', 'lazy'"),
+    (C + "[ready]\ntcp = 80\n[restore]\nmethod = \"fork\"\n", "restore.method", "needs an SDK template"),
     # unknown keys
     ('comand = ["x"]\n' + R, "comand", "unknown key 'comand'; did you mean 'command'?"),
     (C + "[reddy]\nsdk = true\n", "reddy", "did you mean 'ready'?"),
@@ -337,3 +353,44 @@ def test_find_template_dir_not_found(tmp_path):
     assert ei.value.name == "nope" and str(tmp_path) in ei.value.message
     with pytest.raises(TemplateNotFound):
         find_template_dir(str(tmp_path / "missing"), [tmp_path])
+
+
+# --- [limits] and user ---------------------------------------------------------------------------------
+def test_limits_and_user(tmp_path):
+    s = load_spec(write(tmp_path, 'user = "nobody"\n' + MIN
+                        + '[limits]\nmemory = "512M"\ncpus = 1.5\npids = 256\n'))
+    assert (s.limits.memory, s.limits.cpus, s.limits.pids) == (512 << 20, 1.5, 256)
+    assert (s.user.uid, s.user.gid, s.user.name) == (65534, 65534, "nobody")
+    assert s.to_dict()["limits"] == {"memory": 512 << 20, "cpus": 1.5, "pids": 256}
+    numeric = load_spec(write(tmp_path, 'user = "1234:5678"\n' + MIN + "[limits]\nmemory = 8388608\n",
+                              "numeric"))
+    assert (numeric.user.uid, numeric.user.gid, numeric.user.name) == (1234, 5678, None)
+    assert numeric.limits.memory == 8 << 20 and numeric.limits.cpus is None
+
+
+def test_no_limits_nor_user_keeps_the_digest_of_older_templates(tmp_path):
+    s = load_spec(write(tmp_path, MIN))
+    assert s.limits.to_dict() == {} and s.user is None
+    assert "limits" not in s.to_dict() and "user" not in s.to_dict()
+
+
+LIMIT_CASES = [
+    (MIN + '[limits]\nmemory = "lots"\n', "limits.memory", "is not a size"),
+    (MIN + '[limits]\nmemory = "1K"\n', "limits.memory", "at least 4M"),
+    (MIN + "[limits]\nmemory = true\n", "limits.memory", "expected an integer"),
+    (MIN + "[limits]\ncpus = 0\n", "limits.cpus", "greater than 0"),
+    (MIN + "[limits]\ncpus = 0.001\n", "limits.cpus", "at least 0.01"),
+    (MIN + "[limits]\npids = 1\n", "limits.pids", "at least 2"),
+    (MIN + "[limits]\nmem = 1\n", "limits.mem", "did you mean 'memory'?"),
+    ('user = "no-such-user-here"\n' + MIN, "user", "no user 'no-such-user-here'"),
+    ('user = "root"\n' + MIN, "user", "is root"),
+    ('user = "0:0"\n' + MIN, "user", "is root"),
+]
+
+
+@pytest.mark.parametrize("text,field,words", LIMIT_CASES,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(LIMIT_CASES)])
+def test_limit_and_user_errors(tmp_path, text, field, words):
+    e = fails(tmp_path, text)
+    assert e.field == field, e.message
+    assert words in e.problem, e.problem

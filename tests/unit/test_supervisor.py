@@ -7,7 +7,7 @@ import pytest
 from nodefakes import Clock, FakeInstance, FakeMetrics, Timers
 
 from pool.errors import InstanceNotFound
-from pool.node.supervisor import Supervisor
+from pool.node.supervisor import OOM, Supervisor
 from pool.node.table import Copy, CopyState, CopyStateError, CopyTable
 from pool.node.warm import EXITED, FAILED, KILLED, WarmPool, WarmSettings
 
@@ -23,6 +23,8 @@ class Node:
         self.metrics = FakeMetrics()
         self.table = CopyTable(capacity=8, exited_history=history)
         self.tmp = tmp_path
+        # a fixed pool (max_warm = min_warm): these tests count copies; demand is test_warm's
+        settings.setdefault("max_warm", settings.get("min_warm", 0))
         self.pool = WarmPool("t", WarmSettings(**settings), self._restore, self._discard,
                              clock=self.clock, early_death_s=2.0, quarantine_after=3,
                              backoff_s=0.0)
@@ -262,3 +264,29 @@ def test_transitions_are_checked(tmp_path):
                 c.move(s)
         c.inst.release_fds()
     asyncio.run(go())
+
+
+def test_an_oom_killed_copy_ends_with_cause_oom_and_costs_its_template_nothing(tmp_path):
+    async def go(n):
+        for _ in range(3):  # three early deaths would quarantine the template, were they its fault
+            c = await n.spawn()
+            c.inst.oom_killed = True
+            c.inst.die(137)
+            n.sup.reap(c)
+            assert c.cause == OOM
+        assert n.pool.failures == 0 and not n.pool.quarantined
+    run(lambda: Node(tmp_path), go)
+
+
+def test_a_warm_copy_killed_for_memory_is_a_bad_outcome(tmp_path):
+    async def go(n):
+        n.pool.set_min_warm(1)
+        while not n.pool.warm:
+            await asyncio.sleep(0)
+        (c,) = [c for c in n.table if c.state is CopyState.WARM]
+        c.inst.oom_killed = True
+        c.inst.die(137)
+        n.sup.reap(c)
+        assert c.cause == OOM and n.pool.failures == 1
+        assert n.pool.last_error.startswith("out of memory: ")
+    run(lambda: Node(tmp_path, max_live=2), go)

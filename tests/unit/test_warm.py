@@ -118,7 +118,7 @@ def test_capacity_queue_then_no_capacity_and_a_freed_slot_serves_the_next_waiter
 def test_no_copy_ready_in_time_is_a_timeout_not_a_restore_failure():
     async def go():
         f = Fakes(delay=60)                # the restore cannot finish within the spawn's timeout
-        p = make(f, min_warm=0, max_live=2)
+        p = make(f, min_warm=0, max_live=2, max_warm=0)  # fixed: no copy restored in advance
         with pytest.raises(PoolTimeout, match="no copy was ready within 0.01 s") as e:
             await p.acquire(0.01)
         assert isinstance(e.value, TimeoutError) and e.value.data == {"template": "t", "timeout": 0.01}
@@ -243,7 +243,7 @@ def test_set_min_warm_lower_discards_extra_warm_copies_and_they_count_until_exit
 def test_cancelled_waiter_leaves_the_queue_and_its_late_copy_is_not_kept_above_min_warm():
     async def go():
         f = Fakes(delay=0.02)
-        p = make(f, min_warm=0, max_live=2)
+        p = make(f, min_warm=0, max_live=2, max_warm=0)  # fixed: demand would keep the copy
         task = asyncio.ensure_future(p.acquire(1))
         await settle()
         task.cancel()
@@ -275,7 +275,7 @@ def test_close_fails_waiters_discards_warm_and_cancels_restores_without_waiting_
         with pytest.raises(Exception, match="shutting down"):
             await p.acquire(1)
 
-        q = make(f, min_warm=0, max_live=3)
+        q = make(f, min_warm=0, max_live=3, max_warm=0)  # fixed: one restore, for the waiter
         waiter = asyncio.ensure_future(q.acquire(30))
         await settle()
         assert q.restoring == 1

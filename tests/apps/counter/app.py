@@ -1,9 +1,12 @@
 """counter: a small SDK test app whose state lives in memory. GET /inc adds one and returns the count,
-GET / returns it; GET /sum touches every page of an optional ballast (BALLAST_MB of varied bytes) and
-returns its checksum, so a lazily restored copy must really have fetched all its memory."""
+GET / returns it (and which checkpoint hooks have run); GET /sum touches every page of an optional
+ballast (BALLAST_MB of varied bytes) and returns its checksum, so a lazily restored copy must really
+have fetched all its memory; GET /hold?PATH connects to the unix socket at PATH and keeps the
+connection, which CRIU cannot dump (a checkpoint that fails, on demand)."""
 import hashlib
 import json
 import os
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pool.runtime
@@ -16,6 +19,18 @@ for i in range(int(os.environ.get("BALLAST_MB", "0")) * 16):
     BALLAST += (hashlib.sha256(_seed + i.to_bytes(4, "big")).digest() * 2048)
 count = 0
 identity = None
+hooks = []  # the SDK's checkpoint hooks, as they ran in this process's history
+held = []   # GET /hold?PATH: connections to unix sockets outside the copy
+
+
+@pool.runtime.before_checkpoint
+def _before():
+    hooks.append("before")
+
+
+@pool.runtime.after_checkpoint
+def _after():
+    hooks.append("after")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -25,7 +40,10 @@ class Handler(BaseHTTPRequestHandler):
         global count
         if self.path == "/inc":
             count += 1
-        body = {"count": count, "pid": os.getpid(),
+        elif self.path.startswith("/hold?"):  # a connection CRIU cannot dump: to a unix socket
+            held.append(socket.socket(socket.AF_UNIX))  # outside the copy
+            held[-1].connect(self.path.partition("?")[2])
+        body = {"count": count, "pid": os.getpid(), "hooks": hooks,
                 "instance": identity.instance_id if identity else None}
         if self.path == "/sum":
             body["sum"] = hashlib.sha256(BALLAST).hexdigest()
