@@ -1,5 +1,6 @@
 """Shared fixtures. Integration tests run real CRIU on real processes; every test is checked for leaks:
-no stray child process, zombie, tini tree, network namespace, veth, temp dir or fd of ours survives it.
+no stray child process, zombie, tini tree, network namespace, veth, temp dir, copy cgroup or fd of
+ours survives it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from pool.cr import cgroups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,9 +56,20 @@ def _tmp_entries() -> set[str]:
     return {p.name for p in Path("/tmp").iterdir() if p.name.startswith("pool-") and not p.name.startswith("pool-test-session")}
 
 
+def copy_cgroups() -> set[str]:
+    """The copies' cgroups under this process's pool group (the services tests start are its
+    children, in its own cgroup: their copies' groups are there too)."""
+    h = cgroups.node_hierarchy()
+    if h is None:
+        return set()
+    return {f"{c}:{d.name}" for c, pool in h.pool_dirs.items() if pool.is_dir()
+            for d in pool.iterdir() if d.is_dir()}
+
+
 def snapshot() -> dict[str, set]:
     return {"child processes": _children(), "fds": _fds(), "network namespaces": _netns(),
-            "network links": _links(), "tini processes": _tinis(), "pool temp dirs": _tmp_entries()}
+            "network links": _links(), "tini processes": _tinis(), "pool temp dirs": _tmp_entries(),
+            "copy cgroups": copy_cgroups()}
 
 
 def leaks(before: dict[str, set], settle: float = 5.0) -> dict[str, set]:

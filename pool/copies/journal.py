@@ -10,7 +10,9 @@ A record is written (atomically: a temporary file renamed over it) when a copy i
 when it is handed out, and removed when the copy is reaped. `recover()` sorts what a previous life
 of the node left: a live copy whose pid still runs with the recorded start time is adopted again;
 a warm copy is killed (its control channel died with the old node, so it can never be handed out);
-anything else (dead copies, dirs of restores that were in flight) is killed and its dir removed.
+anything else (dead copies, dirs of restores that were in flight) is killed and its dir removed,
+and its cgroup (named after its dir, pool/cr/cgroups.py) once its processes are gone; a copy adopted
+again takes its cgroup back (its end removes it, and reports an out-of-memory kill, as before).
 A dir whose owner is another running process (`pool restore`, another node on the same run dir)
 is not ours and is left alone. Fork mode: a zygote is recorded as a warm copy (so it is ended) and a
 forked copy with its zygote's id; a forked copy is never adopted again, whatever its state (its
@@ -24,12 +26,15 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 
 from pool.copies.restored import RestoredCopy, open_handles
+from pool.cr import cgroups
+from pool.cr.cgroups import Hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +143,18 @@ class Recovery:
     removed: int = 0                                               # dirs cleaned
 
 
-def recover(instances_dir: Path, node: str) -> Recovery:
-    """Sort what a previous life of this node left in instances_dir (see the module doc)."""
+KILLED_EXIT_WAIT = 5.0    # seconds for SIGKILLed trees to leave their cgroups before removal
+
+
+def recover(instances_dir: Path, node: str, hierarchy: Hierarchy | None = None) -> Recovery:
+    """Sort what a previous life of this node left in instances_dir (see the module doc);
+    hierarchy: where its copies' cgroups are (None: it made none)."""
     out = Recovery()
     if not instances_dir.is_dir():
         return out
     held = _holders(instances_dir)
+    doomed: list[Path] = []
+    killed: list[psutil.Process] = []
     for d in sorted(p for p in instances_dir.iterdir() if p.is_dir()):
         rec = read(d)
         if (rec.node != node) if rec is not None else _owner_alive(d):
@@ -154,8 +165,15 @@ def recover(instances_dir: Path, node: str) -> Recovery:
         pids = held.get(d.name, set())
         if rec is not None and still_running(rec):
             pids.add(rec.pid)
-        out.killed += _kill_trees(pids)
+        out.killed += len(pids)
+        killed += _kill_trees(pids)
+        doomed.append(d)
+    _wait_exited(killed, KILLED_EXIT_WAIT)  # a group still holding a process cannot be removed
+    for d in doomed:
         shutil.rmtree(d, ignore_errors=True)
+        group = hierarchy.adopt(d.name) if hierarchy is not None else None
+        if group is not None:
+            cgroups.remove_quietly(group)
         out.removed += 1
     return out
 
@@ -183,9 +201,9 @@ def _holders(instances_dir: Path) -> dict[str, set[int]]:
     return out
 
 
-def _kill_trees(pids: set[int]) -> int:
-    """SIGKILL each process and its descendants; they are not our children (the node that made
-    them is gone), so whoever they were reparented to reaps them."""
+def _kill_trees(pids: set[int]) -> list[psutil.Process]:
+    """SIGKILL each process and its descendants (returned); they are not our children (the node
+    that made them is gone), so whoever they were reparented to reaps them."""
 
     procs = []
     for pid in pids:
@@ -195,11 +213,28 @@ def _kill_trees(pids: set[int]) -> int:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGKILL)
-    return len(pids)
+    return procs
 
 
-def reopen(run_dir: Path, rec: Record):
-    """An RestoredCopy for a live copy of a previous life of the node; OSError if it is gone."""
+def _wait_exited(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until every process has exited (a zombie has: it holds no cgroup), or timeout."""
+    deadline = time.monotonic() + timeout
+    while procs and time.monotonic() < deadline:
+        procs = [p for p in procs if _still_runs(p)]
+        if procs:
+            time.sleep(0.01)
+
+
+def _still_runs(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def reopen(run_dir: Path, rec: Record, hierarchy: Hierarchy | None = None):
+    """A RestoredCopy for a live copy of a previous life of the node, with its cgroup if it has one
+    in hierarchy; OSError if it is gone."""
 
     pidfd, netns_fd = open_handles(rec.pid)
     if not still_running(rec):  # the pid was recycled before we pinned it
@@ -209,7 +244,8 @@ def reopen(run_dir: Path, rec: Record):
     return RestoredCopy(id=rec.id, template=rec.template, build_id=rec.build_id, pid=rec.pid,
                     pidfd=pidfd, run_dir=run_dir, netns_fd=netns_fd, sdk=False, port=rec.port,
                    created=rec.created, state="running", path=rec.path, env_keys=rec.env_keys,
-                   args=rec.args, hostname=rec.hostname, owner=rec.owner, start_time=rec.start_time)
+                   args=rec.args, hostname=rec.hostname, owner=rec.owner, start_time=rec.start_time,
+                   cgroup=hierarchy.adopt(run_dir.name) if hierarchy is not None else None)
 
 
 def host_port(address: str | None) -> int:

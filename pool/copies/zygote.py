@@ -40,6 +40,7 @@ from pool import fds
 from pool.copies import journal, restore_chain
 from pool.copies.restore import Restorer, new_instance_id
 from pool.copies.restored import STREAMS, RestoredCopy
+from pool.cr import cgroups
 from pool.errors import RestoreError
 from pool.templates.store import Template
 from pool.wire import control
@@ -204,9 +205,12 @@ class Zygote:
         """One forked copy, warm (waiting for its identity). RestoreError naming the broken rule
         if the zygote refuses; nothing is left behind on failure."""
         job = restore_chain.RestoreJob(template=self.template, instance_id=instance_id,
-                                       run_dir=run_dir, criu=self.restorer.criu)
+                                       run_dir=run_dir, criu=self.restorer.criu, confine=True,
+                                       cgroups=cgroups.node_hierarchy(),
+                                       default_limits=self.restorer.copy_limits)
         with self.fork_lock:
-            copy = restore_chain.run(job, (restore_chain.make_run_dir, restore_chain.open_logs,
+            copy = restore_chain.run(job, (restore_chain.make_run_dir, restore_chain.make_cgroup,
+                                           restore_chain.open_logs,
                                            lambda j: self._fork(j, timeout),
                                            restore_chain.close_handed_fds,
                                            restore_chain.validate_copy))
@@ -239,13 +243,21 @@ class Zygote:
         got.append(os.dup(ours.fileno()))     # one socket both ways; two fds, each closed once
         pidfd, netns_fd, ctl_r = got
         ours.settimeout(None)
+        if job.cgroup is not None:  # before its identity: none of the app's copy work runs outside
+            try:
+                job.cgroup.add(pid)
+            except OSError as e:
+                raise RestoreError(FORK, f"cannot move the forked copy into its cgroup: "
+                                         f"{e.strerror or e}") from e
         job.copy = ForkedCopy(
             id=job.instance_id, template=job.template.name, build_id=job.template.build_id,
             pid=pid, pidfd=pidfd, run_dir=job.run_dir, netns_fd=netns_fd, sdk=True, port=m.port,
             ctl_w=ours.detach(), ctl_r=ctl_r,
             identity_timeout=float(m.restore_spec.get("identity_timeout") or 10.0),
-            hostname_pattern=m.restore_spec.get("hostname"), zygote_id=self.id, zygote=self)
+            hostname_pattern=m.restore_spec.get("hostname"), zygote_id=self.id, zygote=self,
+            cgroup=job.cgroup)
         got.clear()
+        job.cgroup = None  # the copy's now: its end removes it
         with self.lock:  # before anything can report its end (child_ended)
             self.children.add(id(job.copy))
         job.undo.callback(_discard, job.copy)

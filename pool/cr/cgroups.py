@@ -129,28 +129,6 @@ def node_hierarchy() -> Hierarchy | None:
     return detect()
 
 
-def confine(pid: int, limits: Limits, name: str,
-            hierarchy: Hierarchy | None = None) -> CopyCgroup:
-    """Give a running process (a copy forked from a zygote) a cgroup of its own with limits.
-
-    The hook for copies not restored by CRIU: store the group on the copy
-    (RestoredCopy.cgroup) and its end removes it and reports an OOM kill. Pages the process
-    shares with its parent stay charged where they were first charged (the parent's group); what
-    it allocates or writes from now on is charged to its own. OSError if it cannot be made; the
-    group is removed again if pid cannot be moved into it.
-    """
-    hierarchy = hierarchy or node_hierarchy()
-    if hierarchy is None:
-        raise OSError(errno.ENOTSUP, "no cgroup memory controller is mounted")
-    group = hierarchy.make(name, limits)
-    try:
-        group.add(pid)
-    except BaseException:
-        remove_quietly(group)
-        raise
-    return group
-
-
 # --- the hierarchies ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hierarchy:

@@ -26,6 +26,7 @@ from typing import Any
 from pool.copies import journal
 from pool.copies.portproxy import PortProxy
 from pool.copies.restore import Restorer
+from pool.cr import cgroups
 from pool.cr.criu import Criu
 from pool.errors import RestoreError
 from pool.node.api import NodeApi
@@ -71,7 +72,7 @@ class NodeRuntime:
                                      restore_timeout=cfg.restore_timeout,
                                      copy_limits=cfg.copy_limits)
         # before any restore of ours starts: what a previous life left in the run dir
-        found = journal.recover(self.restorer.instances_dir, self.name)
+        found = journal.recover(self.restorer.instances_dir, self.name, cgroups.node_hierarchy())
         self._executor = ThreadPoolExecutor(cfg.restore_concurrency, thread_name_prefix="restore")
         self.supervisor = Supervisor(self.table, {}, self.metrics, kill_grace=cfg.kill_grace,
                                      max_log_bytes=cfg.max_log_bytes,
@@ -98,7 +99,7 @@ class NodeRuntime:
     async def _adopt_again(self, run_dir, rec: journal.Record) -> bool:
         """Watch and publish again a live copy a previous life of this node handed out."""
         try:
-            inst = journal.reopen(run_dir, rec)
+            inst = journal.reopen(run_dir, rec, cgroups.node_hierarchy())
         except OSError as e:
             log.warning("instance %s (pid %d) is gone: %s", rec.id, rec.pid, e.strerror)
             shutil.rmtree(run_dir, ignore_errors=True)

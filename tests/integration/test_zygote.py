@@ -219,6 +219,32 @@ def test_a_fork_that_breaks_no_rule_is_served(tmp_path, store, criu):
     assert list(restorer.instances_dir.iterdir()) == []
 
 
+def test_a_forked_copy_lives_in_its_own_cgroup_with_the_templates_limits(tmp_path, store, criu):
+    app = tmp_path / "fork-rules"
+    shutil.copytree(APPS / "fork-rules", app)
+    with (app / "template.toml").open("a") as f:
+        f.write('\n[limits]\nmemory = "256M"\npids = 64\n')
+    build(load_spec(app), store, criu)
+    restorer = Restorer(store, criu, tmp_path / "run")
+    zygotes = Zygotes(restorer, "local", on_start=lambda z: None)
+    try:
+        copy = zygotes.fork("fork-rules")
+        group, zygote = copy.cgroup, next(iter(zygotes.all))
+        assert group is not None and group.name == copy.run_dir.name
+        assert copy.pid in group.pids() and copy.pid not in zygote.copy.cgroup.pids()
+        assert group.memory_limit() == 256 * 2**20
+        assert (group.dirs["pids"] / "pids.max").read_text().strip() == "64"
+        restorer.hand_over(copy, Identity("confined-fork"))
+        wait_until(lambda: b"confined-fork up" in copy.read_log(), what="the copy's log line")
+        assert group.memory_bytes() > 0          # what it did as a copy was charged to it
+        copy.kill(grace=0)
+        copy.close()
+        assert copy.cgroup is None and not any(d.exists() for d in group.dirs.values())
+    finally:
+        zygotes.close(leave_children=False)
+    assert list(restorer.instances_dir.iterdir()) == []
+
+
 def test_build_refuses_fork_mode_for_a_runtime_that_cannot_fork(tmp_path, store, criu):
     app = tmp_path / "node-sdk"
     shutil.copytree(APPS / "node-sdk", app)
