@@ -324,8 +324,10 @@ def _out_of_memory(job: RestoreJob) -> str | None:
 
 
 def _remove_cgroup(job: RestoreJob) -> None:
+    """A failed restore's group goes, with whatever is still in it (a half-restored tree)."""
     group, job.cgroup = job.cgroup, None  # None: the copy took it over (and removes it itself)
     if group is not None:
+        group.kill()
         cgroups.remove_quietly(group)
 
 

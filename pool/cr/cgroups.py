@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "cpu", "pids")
 POOL_GROUP = "pool"
 CPU_PERIOD_US = 100_000
-REMOVE_TRIES = 20
+REMOVE_WAIT = 2.0        # seconds for a group's last processes to exit before it is removed
 UNLIMITED_V1 = 1 << 62     # v1 reports "no limit" as a page-rounded LONG_MAX
 @dataclass(frozen=True)
 class Limits:
@@ -99,18 +100,27 @@ class CopyCgroup:
         except OSError:
             return 0
 
+    def kill(self) -> None:
+        """SIGKILL every process in the group: what a restore that failed left there (a tree CRIU
+        restored before it died), which would keep the group busy until someone reaps it."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def remove(self) -> None:
-        """Remove the group (idempotent). A copy's processes leave it as they exit: a group still
-        busy a moment after holds something else, which is left alone (OSError)."""
+        """Remove the group (idempotent). A copy's processes leave it as they exit (a zombie holds
+        none): a group still busy REMOVE_WAIT seconds later holds something else, which is left
+        alone (OSError)."""
+        deadline = time.monotonic() + REMOVE_WAIT
         for d in set(self.dirs.values()):
-            for attempt in range(REMOVE_TRIES):
+            while True:
                 try:
                     d.rmdir()
                     break
                 except FileNotFoundError:
                     break
                 except OSError as e:
-                    if e.errno != errno.EBUSY or attempt == REMOVE_TRIES - 1:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise
                     time.sleep(0.005)
 
