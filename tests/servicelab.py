@@ -30,3 +30,10 @@ def cli(svc, *args, check=True):
 def copies_of(pid):
     """The copies (tini, PID 1 of each) that are children of process pid."""
     return {p.pid for p in psutil.Process(pid).children() if p.name() == "tini"}
+
+
+def cgroup_name(pid: int) -> str:
+    """The name of the memory cgroup pid is in (a copy's: named after its run dir)."""
+    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if "memory" in ln.split(":")[1].split(","))
+    return line.rsplit("/", 1)[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from servicelab import copies_of, wait_until
+from servicelab import cgroup_name, copies_of, wait_until
 
 from pool.cli.demo import PROBES, LocalService, ask
 from pool.client import Instance
@@ -53,13 +53,6 @@ def copy_groups() -> set[str]:
     """The names of the copies' cgroups (memory hierarchy) under our pool group."""
     pool = cgroups.node_hierarchy().pool_dirs["memory"]
     return {d.name for d in pool.iterdir() if d.is_dir()} if pool.is_dir() else set()
-
-
-def group_of(pid: int) -> str:
-    """The name of the memory cgroup pid is in."""
-    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if "memory" in ln.split(":")[1].split(","))
-    return line.rsplit("/", 1)[1]
 
 
 def instance_dirs(svc) -> list[Path]:
@@ -143,7 +136,7 @@ def test_service_sigkilled_with_3_live_copies_adopts_them_on_restart(service, su
     svc.wait_warm("py-hello", 1)
     old_warm = copies_of(svc.pid) - {i.pid for i in insts}
     assert len(old_warm) == 1
-    live_groups, warm_group = {group_of(i.pid) for i in insts}, group_of(*old_warm)
+    live_groups, warm_group = {cgroup_name(i.pid) for i in insts}, cgroup_name(*old_warm)
     assert {g.split(".")[0] for g in live_groups} == {i.id for i in insts}
     assert live_groups | {warm_group} <= copy_groups()
     svc.proc.kill()
@@ -164,7 +157,7 @@ def test_service_sigkilled_with_3_live_copies_adopts_them_on_restart(service, su
                                    for p in old_warm if psutil.pid_exists(p)), what="warm copy killed")
             # the old warm copy's group went with it; the live ones' groups are theirs again
             assert warm_group not in copy_groups() and live_groups <= copy_groups()
-            assert {group_of(i.pid) for i in insts} == live_groups
+            assert {cgroup_name(i.pid) for i in insts} == live_groups
             for i in insts:
                 c.kill(i.id, grace=0)
             assert c.list() == []

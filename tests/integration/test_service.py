@@ -14,10 +14,11 @@ import urllib.request
 import psutil
 import pytest
 from replyshape import assert_shape
-from servicelab import POOL, cli, copies_of, wait_until
+from servicelab import POOL, cgroup_name, cli, copies_of, wait_until
 
 import pool
 from pool.cli.demo import PROBES, LocalService, ask
+from pool.cr import cgroups
 from pool.errors import NoCapacity, Quarantined
 from pool.wire import replies as R
 
@@ -336,8 +337,10 @@ def test_on_shutdown_leave_keeps_live_instances(service):
         # The left instance is ours to end now. With the service gone it was reparented to the
         # nearest subreaper, which may be this test process: psutil's wait() reaps it then.
         left = psutil.Process(inst.pid)
+        group = cgroups.node_hierarchy().adopt(cgroup_name(inst.pid))
         left.kill()
         left.wait(timeout=10)
+        group.remove()  # what the next start of the service would do (journal.recover)
 
 
 def test_second_signal_forces_exit(service):
