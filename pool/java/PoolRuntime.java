@@ -42,6 +42,11 @@ import java.util.concurrent.ThreadLocalRandom;
  * Without that variable {@link #checkpoint()} runs the hooks in place and returns a
  * "local" identity, so the app also runs normally outside the pool.
  *
+ * After the identity the SDK keeps the channel and serves it in a daemon thread:
+ * each checkpoint of the running copy ({@code pool checkpoint}, suspend, migrate) runs
+ * the {@link #beforeCheckpoint} hooks before the freeze and the {@link #afterCheckpoint}
+ * ones after it.
+ *
  * Only registered {@link Random}s are reseeded: ThreadLocalRandom, Math.random() and
  * other generators seeded before the checkpoint are identical in every copy.
  *
@@ -58,6 +63,7 @@ public final class PoolRuntime {
     private static final List<WeakReference<Random>> randoms = new CopyOnWriteArrayList<>();
     private static final List<Runnable> beforeHooks = new CopyOnWriteArrayList<>();
     private static final List<Runnable> afterHooks = new CopyOnWriteArrayList<>();
+    private static final List<Runnable> afterCheckpointHooks = new CopyOnWriteArrayList<>();
     private static final Object checkpointLock = new Object();
 
     private static volatile Identity identity;
@@ -88,9 +94,22 @@ public final class PoolRuntime {
         return r;
     }
 
-    /** Run before the checkpoint; hooks run in reverse registration order (as CRaC does). */
+    /**
+     * Run just before the checkpoint (close connections, flush caches, ...): the template's,
+     * and each {@code pool checkpoint} (suspend, migrate) of a running copy. Hooks run in
+     * reverse registration order (as CRaC does).
+     */
     public static void beforeCheckpoint(Runnable hook) {
         beforeHooks.add(Objects.requireNonNull(hook, "hook"));
+    }
+
+    /**
+     * Run once a running copy's checkpoint is taken, in the copy that kept running and in
+     * each process restored from that snapshot (rollback, resume, restart, migrate); in
+     * registration order, on the SDK's control thread.
+     */
+    public static void afterCheckpoint(Runnable hook) {
+        afterCheckpointHooks.add(Objects.requireNonNull(hook, "hook"));
     }
 
     /** Run in each restored copy, after reseeding, in registration order. */
@@ -170,8 +189,47 @@ public final class PoolRuntime {
         runHooks(afterHooks, "after-restore");
 
         writeFrame(controlOut, message("type", "ack", "instance_id", id.instanceId(), "pid",
-                ProcessHandle.current().pid()));
+                ProcessHandle.current().pid(), "serves", List.of("checkpoint")));
+        Thread control = new Thread(PoolRuntime::serveCheckpoints, "pool-control");
+        control.setDaemon(true); // blocked in a read of the channel: must not keep the JVM up
+        control.start();
         return id;
+    }
+
+    /**
+     * A running copy's side of its control channel: run the checkpoint hooks when told.
+     * Ends when the pool closes the channel (or it breaks).
+     */
+    private static void serveCheckpoints() {
+        while (true) {
+            Map<String, Object> reply;
+            try {
+                reply = runCheckpointHooks(asMap(readFrame(controlIn), "message").get("type"));
+            } catch (IOException e) {
+                return;
+            }
+            try {
+                writeFrame(controlOut, reply);
+            } catch (IOException e) {
+                return;
+            }
+        }
+    }
+
+    /** The reply to one control message: ok, or the error the pool reports. */
+    private static Map<String, Object> runCheckpointHooks(Object type) {
+        try {
+            if ("before_checkpoint".equals(type)) {
+                runHooks(reversed(beforeHooks), "before-checkpoint");
+            } else if ("after_checkpoint".equals(type)) {
+                runHooks(afterCheckpointHooks, "after-checkpoint");
+            } else {
+                return message("type", "error", "message", "unknown control message '" + type + "'");
+            }
+        } catch (RuntimeException e) {
+            return message("type", "error", "message", e.getMessage());
+        }
+        return message("type", "ok");
     }
 
     private static void openChannel(String fds) throws IOException {

@@ -15,6 +15,9 @@
 // gives the copy its own randomness (pool-fresh-random.js: Math.random reseeded from the identity's
 // seed, crypto's random functions drawn from /dev/urandom), runs the after-restore hooks and acks.
 // Frames: 4-byte big-endian length + a msgpack map (pool-msgpack.js), as in pool/wire/control.py.
+// After the ack the SDK keeps reading the channel, without holding the event loop open: each
+// checkpoint of the running copy (`pool checkpoint`, suspend, migrate) runs the before-checkpoint
+// hooks before the freeze and the after-checkpoint ones after it.
 //
 // Without POOL_CONTROL_FDS, checkpoint() runs the hooks in place (before, then after) and returns a
 // "local" identity with the app's own argv, so the same app runs unchanged outside the pool.
@@ -22,6 +25,7 @@
 // Require this module before anything that keeps a reference to a crypto random function or to
 // Math.random (best: `node -r pool-runtime app.js`): those are wrapped when it loads.
 const fs = require('fs');
+const net = require('net');
 const msgpack = require('./pool-msgpack');
 const freshRandom = require('./pool-fresh-random');
 
@@ -38,6 +42,7 @@ class ControlError extends Error {
 
 const beforeHooks = [];
 const afterHooks = [];
+const afterCheckpointHooks = [];
 let identity = null;
 
 function controlFds() {
@@ -81,14 +86,21 @@ function readExact(fd, n) {
   return buf;
 }
 
-function readFrame(fd) {
-  const length = readExact(fd, 4).readUInt32BE(0);
+function checkLength(length) {
   if (length > MAX_FRAME) {
     throw new ControlError(`control frame of ${length} bytes is over the ${MAX_FRAME} limit`);
   }
+  return length;
+}
+
+function readFrame(fd) {
+  return decodeMessage(readExact(fd, checkLength(readExact(fd, 4).readUInt32BE(0))));
+}
+
+function decodeMessage(body) {
   let msg;
   try {
-    msg = msgpack.decode(readExact(fd, length));
+    msg = msgpack.decode(body);
   } catch (e) {
     throw new ControlError(`control frame is not valid msgpack: ${e.message}`, { cause: e });
   }
@@ -141,9 +153,20 @@ function hook(list, fn, name) {
   return fn;
 }
 
-/** Run fn() just before the checkpoint (close connections, flush caches...). Returns fn. */
+/**
+ * Run fn() just before the checkpoint (close connections, flush caches...): the template's, and each
+ * `pool checkpoint` (suspend, migrate) of a running copy. Returns fn.
+ */
 function beforeCheckpoint(fn) {
   return hook(beforeHooks, fn, 'beforeCheckpoint');
+}
+
+/**
+ * Run fn() once a running copy's checkpoint is taken, in the copy that kept running and in each
+ * process restored from that snapshot (rollback, resume, restart, migrate). Returns fn.
+ */
+function afterCheckpoint(fn) {
+  return hook(afterCheckpointHooks, fn, 'afterCheckpoint');
 }
 
 /** Run fn(identity) in each restored copy, after the identity is applied. Returns fn. */
@@ -196,8 +219,54 @@ function checkpoint() {
     sendError(fds.w, `${e.name}: ${e.message}`);
     throw e;
   }
-  writeFrame(fds.w, { type: 'ack', instance_id: id.instanceId, pid: process.pid });
+  writeFrame(fds.w, { type: 'ack', instance_id: id.instanceId, pid: process.pid, serves: ['checkpoint'] });
+  serveCheckpoints(fds);
   return id;
+}
+
+/**
+ * A running copy's side of its control channel: run the checkpoint hooks when told. The pipe is
+ * read through an unref'd handle, so a copy whose work is done still exits; the loop ends when the
+ * pool closes the channel (or it breaks).
+ */
+function serveCheckpoints(fds) {
+  const channel = new net.Socket({ fd: fds.r, readable: true, writable: false });
+  channel.unref();
+  let pending = Buffer.alloc(0);
+  const stop = () => channel.destroy();
+  channel.on('data', (chunk) => {
+    pending = Buffer.concat([pending, chunk]);
+    try {
+      while (pending.length >= 4) {
+        const length = checkLength(pending.readUInt32BE(0));
+        if (pending.length < 4 + length) break;
+        const msg = decodeMessage(pending.subarray(4, 4 + length));
+        pending = pending.subarray(4 + length);
+        writeFrame(fds.w, runCheckpointHooks(msg.type));
+      }
+    } catch {
+      stop();  // a frame the pool would never send, or the reply side broke: as if closed
+    }
+  });
+  channel.on('end', stop);
+  channel.on('error', stop);
+}
+
+const checkpointHooks = new Map([
+  ['before_checkpoint', [beforeHooks, 'before-checkpoint']],
+  ['after_checkpoint', [afterCheckpointHooks, 'after-checkpoint']],
+]);
+
+/** The reply to one control message: ok, or the error the pool reports. */
+function runCheckpointHooks(type) {
+  const hooks = checkpointHooks.get(type);
+  if (!hooks) return { type: 'error', message: `unknown control message ${JSON.stringify(type)}` };
+  try {
+    runHooks(...hooks);
+  } catch (e) {
+    return { type: 'error', message: `${e.name}: ${e.message}` };
+  }
+  return { type: 'ok' };
 }
 
 function sendError(fd, message) {
@@ -214,6 +283,6 @@ function currentIdentity() {
 }
 
 module.exports = {
-  checkpoint, beforeCheckpoint, afterRestore, identity: currentIdentity, underPool,
+  checkpoint, beforeCheckpoint, afterCheckpoint, afterRestore, identity: currentIdentity, underPool,
   ControlError, LOCAL_INSTANCE_ID, ENV_VAR,
 };

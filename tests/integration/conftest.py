@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -117,3 +118,31 @@ def pool_lab(session_store, counter, tmp_path):
             x.close()
         else:
             x.cleanup()
+
+
+# --- the SDK test apps (test_java_sdk_restore.py, test_node_sdk.py, test_live_sdk_hooks.py) ------------
+APPS = Path(__file__).resolve().parents[1] / "apps"
+
+
+@pytest.fixture(scope="module")
+def java_sdk(session_store, criu, tmp_path_factory):
+    """tests/apps/java-sdk compiled with the SDK in a copy of its folder (build/ stays out of the source
+    tree), built as a template."""
+    from pool.templates.build import build  # noqa: PLC0415
+    from pool.templates.spec import load_spec  # noqa: PLC0415
+
+    folder = tmp_path_factory.mktemp("apps") / "java-sdk"
+    shutil.copytree(APPS / "java-sdk", folder)
+    subprocess.run(["javac", "--release", "17", "-d", str(folder / "build"), str(folder / "App.java"),
+                    str(ROOT / "pool" / "java" / "PoolRuntime.java")],
+                   check=True, capture_output=True, timeout=300)
+    return build(load_spec(folder), session_store, criu).template
+
+
+@pytest.fixture(scope="module")
+def node_sdk(session_store, criu):
+    """tests/apps/node-sdk built as a template."""
+    from pool.templates.build import build  # noqa: PLC0415
+    from pool.templates.spec import load_spec  # noqa: PLC0415
+
+    return build(load_spec(APPS / "node-sdk"), session_store, criu).template

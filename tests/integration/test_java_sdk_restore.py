@@ -3,31 +3,11 @@ identity, env, args and hostname, and run the after-restore hooks once, checked 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from pool.copies.restore import Identity, Restorer
 from pool.cr import netns
-from pool.templates.build import build
-from pool.templates.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "tests" / "apps" / "java-sdk"
-SDK = ROOT / "pool" / "java" / "PoolRuntime.java"
 COPIES = 3
-
-
-@pytest.fixture(scope="module")
-def java_sdk(session_store, criu, tmp_path_factory):
-    """The app compiled with the SDK in a copy of its folder (build/ stays out of the source tree)."""
-    folder = tmp_path_factory.mktemp("apps") / "java-sdk"
-    shutil.copytree(APP, folder)
-    subprocess.run(["javac", "--release", "17", "-d", str(folder / "build"), str(folder / "App.java"),
-                    str(SDK)], check=True, capture_output=True, timeout=300)
-    return build(load_spec(folder), session_store, criu).template
 
 
 def test_copies_get_env_args_hostname_and_run_hooks_once(java_sdk, session_store, criu, tmp_path):

@@ -12,16 +12,11 @@ import pytest
 
 from pool.copies.restore import Identity, Restorer
 from pool.cr import netns
-from pool.templates.build import app_environment, build
+from pool.templates.build import app_environment
 from pool.templates.spec import load_spec
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "node-sdk"
 COPIES = 3
-
-
-@pytest.fixture(scope="module")
-def node_sdk(session_store, criu):
-    return build(load_spec(APP), session_store, criu).template
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def control_app(cmd: list[str], env_extra: dict[str, str] | None = None):
     pool_r, app_w = os.pipe()  # app -> pool
     env = dict(os.environ, POOL_CONTROL_FDS=f"{app_r},{app_w}", **(env_extra or {}))
     try:
-        proc = subprocess.Popen(cmd, env=env, pass_fds=(app_r, app_w),
+        proc = subprocess.Popen(cmd, env=env, pass_fds=(app_r, app_w), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
         os.close(app_r)
@@ -121,3 +121,24 @@ def parse_output(stdout: str) -> tuple[dict[str, str], list[str]]:
     return values, args
 
 
+
+CHECKPOINT_FRAMES = [{"type": "before_checkpoint"}, {"type": "after_checkpoint", "restored": False},
+                     {"type": "bogus"}]
+
+
+def drive_checkpoint_hooks(cmd: list[str], identity: dict, env_extra: dict[str, str]):
+    """A running copy, minus CRIU: ready -> identity -> ack, then what the pool sends around a
+    checkpoint (CHECKPOINT_FRAMES, one reply each); then the channel closes and stdin ends the app.
+    Returns the ack, the replies, the app's report, its stderr and its exit status."""
+    with control_app(cmd, env_extra) as (proc, pool_r, pool_w, fds):
+        assert recv(pool_r)["type"] == "ready"
+        send(pool_w, identity)
+        ack = recv(pool_r)
+        replies = []
+        for message in CHECKPOINT_FRAMES:
+            send(pool_w, message)
+            replies.append(recv(pool_r))
+        os.close(pool_w)  # the pool lets the copy go: the SDK's reader ends, quietly
+        fds[1] = -1
+        out, err = proc.communicate(timeout=TIMEOUT)
+    return ack, replies, parse_output(out)[0], err, proc.returncode

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, frame, parse_output, recv, send, split_frames,
-                     unpack)
+from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, drive_checkpoint_hooks, frame, parse_output,
+                     recv, send, split_frames, unpack)
 
 ROOT = Path(__file__).resolve().parents[2]
 SDK = ROOT / "pool" / "java" / "PoolRuntime.java"
@@ -107,7 +107,7 @@ def test_checkpoint_handshake(classes):
         classes, ident, env_extra={"CODEC_CHECK_FALLBACK": "from-process-env", "GREETING": "template"})
 
     assert ready == {"type": "ready", "pid": pid, "runtime": "java"}
-    assert ack == {"type": "ack", "instance_id": "copy-7", "pid": pid}
+    assert ack == {"type": "ack", "instance_id": "copy-7", "pid": pid, "serves": ["checkpoint"]}
     assert out["instance"] == "copy-7"
     assert out["greeting"] == "héllo wörld 日本"          # identity env wins
     assert out["fallback"] == "from-process-env"          # else the process env
@@ -176,6 +176,35 @@ def test_local_identity_without_pool(classes):
     assert args == ["checkpoint", "a b", "", "c"]  # the app's own args, exactly
 
 
+# ---------------------------------------------------------------- a running copy's checkpoint hooks
+# (run_copy above already shows that the SDK's control reader does not keep a finished app alive: the
+# app exits while the pool still holds the channel open)
+RESTORED = "before:B,before:A,after:A,after:B"  # the template's checkpoint and this copy's restore
+
+
+def serve(classes, **identity_fields):
+    return drive_checkpoint_hooks(check_cmd(classes), identity(instance_id="copy-7", **identity_fields),
+                                  {"CODEC_CHECK_SERVE": "1"})
+
+
+def test_a_running_copy_runs_its_checkpoint_hooks_when_told(classes):
+    ack, replies, out, err, status = serve(classes)
+    assert status == 0 and "Exception" not in err, err
+    assert ack["serves"] == ["checkpoint"]
+    assert replies == [{"type": "ok"}, {"type": "ok"},
+                       {"type": "error", "message": "unknown control message 'bogus'"}]
+    assert out["events"] == f"{RESTORED},before:B,before:A,checkpoint:A,checkpoint:B"
+
+
+def test_a_failing_checkpoint_hook_is_reported_and_the_copy_serves_on(classes):
+    ack, replies, out, err, status = serve(classes, env={"FAIL_CHECKPOINT_HOOK": "1"})
+    assert status == 0, err
+    assert replies[0] == {"type": "ok"} and replies[1]["type"] == "error"
+    assert "after-checkpoint hook failed" in replies[1]["message"]
+    assert "checkpoint hook asked to fail" in replies[1]["message"]
+    assert replies[2]["type"] == "error"                   # still reading after the failure
+    assert out["events"] == f"{RESTORED},before:B,before:A,checkpoint:A"
+
 # ---------------------------------------------------------------- templates/java-hello
 
 def test_java_hello_template(tmp_path):
@@ -204,7 +233,8 @@ def test_java_hello_template(tmp_path):
         port = int(line.rsplit(":", 1)[1].split()[0])
 
         send(pool_w, identity(instance_id="hello-1", env={"GREETING": "hi from copy"}, args=["x", "y z"]))
-        assert recv(pool_r) == {"type": "ack", "instance_id": "hello-1", "pid": proc.pid}
+        assert recv(pool_r) == {"type": "ack", "instance_id": "hello-1", "pid": proc.pid,
+                                "serves": ["checkpoint"]}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=TIMEOUT) as resp:
             body = json.loads(resp.read())
     assert body["instance"] == "hello-1"

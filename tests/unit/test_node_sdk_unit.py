@@ -11,8 +11,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, frame, parse_output, recv, send, split_frames,
-                     unpack)
+from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, drive_checkpoint_hooks, frame, parse_output,
+                     recv, send, split_frames, unpack)
 
 HERE = Path(__file__).resolve().parent
 CHECK = HERE / "js" / "sdk_check.js"
@@ -122,7 +122,7 @@ def test_checkpoint_handshake():
         ident, env_extra={"SDK_CHECK_FALLBACK": "from-process-env", "GREETING": "template"})
 
     assert ready == {"type": "ready", "pid": pid, "runtime": "node"}
-    assert ack == {"type": "ack", "instance_id": "copy-7", "pid": pid}
+    assert ack == {"type": "ack", "instance_id": "copy-7", "pid": pid, "serves": ["checkpoint"]}
     assert out["instance"] == "copy-7" and out["restored"] == "true"
     assert out["greeting"] == "héllo wörld 日本"          # identity env wins
     assert out["fallback"] == "from-process-env"          # else the process env
@@ -213,6 +213,36 @@ def test_local_identity_without_pool():
     assert out["hooks"] == "before:A,before:B,after:A:local,after:B"  # in place, as Java's SDK
     assert args == ["checkpoint", "a b", "", "c"]  # the app's own argv[2..]
 
+
+# ---------------------------------------------------------------- a running copy's checkpoint hooks
+# (run_copy above already shows that the SDK's control reader does not keep a finished app alive: the
+# app exits while the pool still holds the channel open)
+RESTORED = "before:A,before:B,after:A:copy-7,after:B"  # the template's checkpoint and this copy's restore
+CHECKPOINT_CMD = ["node", str(CHECK), "checkpoint"]
+
+
+def serve(**identity_fields):
+    return drive_checkpoint_hooks(CHECKPOINT_CMD, identity(instance_id="copy-7", **identity_fields),
+                                  {"SDK_CHECK_SERVE": "1"})
+
+
+def test_a_running_copy_runs_its_checkpoint_hooks_when_told():
+    ack, replies, out, err, status = serve()
+    assert status == 0 and "Error" not in err, err
+    assert ack["serves"] == ["checkpoint"]
+    assert replies == [{"type": "ok"}, {"type": "ok"},
+                       {"type": "error", "message": 'unknown control message "bogus"'}]
+    assert out["events"] == f"{RESTORED},before:A,before:B,checkpoint:A,checkpoint:B"
+
+
+def test_a_failing_checkpoint_hook_is_reported_and_the_copy_serves_on():
+    ack, replies, out, err, status = serve(env={"FAIL_CHECKPOINT_HOOK": "1"})
+    assert status == 0, err
+    assert replies[0] == {"type": "ok"} and replies[1]["type"] == "error"
+    assert "after-checkpoint hook failed" in replies[1]["message"]
+    assert "checkpoint hook asked to fail" in replies[1]["message"]
+    assert replies[2]["type"] == "error"                   # still reading after the failure
+    assert out["events"] == f"{RESTORED},before:A,before:B,checkpoint:A"
 
 # ---------------------------------------------------------------- the randomness wrappers
 

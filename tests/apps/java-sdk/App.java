@@ -12,17 +12,27 @@ import java.util.concurrent.atomic.AtomicInteger;
 
 /**
  * Test app for the Java SDK (tests/integration/test_java_sdk_restore.py): every restored copy answers
- * GET / with what it sees: identity, env, args, hostname, a registered Random and the hooks that ran.
+ * GET / with what it sees: identity, env, args, hostname, a registered Random and the hooks that ran
+ * (tests/integration/test_live_sdk_hooks.py: checkpointHooks, the checkpoint hooks as they ran in this
+ * process's history). With FAIL_CHECKPOINT_HOOK in its identity's env its before-checkpoint hook throws.
  */
 public class App {
 
     private static final Random RANDOM = PoolRuntime.registerRandom(new Random(7));
     private static final AtomicInteger BEFORE = new AtomicInteger();
     private static final List<String> AFTER = new CopyOnWriteArrayList<>();
+    private static final List<String> CHECKPOINT_HOOKS = new CopyOnWriteArrayList<>();
 
     public static void main(String[] args) throws Exception {
         PoolRuntime.beforeCheckpoint(BEFORE::incrementAndGet);
         PoolRuntime.afterRestore(() -> AFTER.add(PoolRuntime.identity().instanceId()));
+        PoolRuntime.beforeCheckpoint(() -> {
+            if (PoolRuntime.getenv("FAIL_CHECKPOINT_HOOK") != null) {
+                throw new IllegalStateException("java-sdk refuses: FAIL_CHECKPOINT_HOOK is set");
+            }
+            CHECKPOINT_HOOKS.add("before");
+        });
+        PoolRuntime.afterCheckpoint(() -> CHECKPOINT_HOOKS.add("after"));
 
         HttpServer server = HttpServer.create(new InetSocketAddress("127.0.0.1", 8080), 0);
         server.createContext("/", ex -> {
@@ -34,6 +44,7 @@ public class App {
                         + ", \"hostname\": " + quote(Files.readString(Path.of("/proc/sys/kernel/hostname")).trim())
                         + ", \"before\": " + BEFORE.get()
                         + ", \"after\": " + quoteAll(AFTER)
+                        + ", \"checkpointHooks\": " + quoteAll(CHECKPOINT_HOOKS)
                         + ", \"random\": " + RANDOM.nextLong() + "}";
                 byte[] bytes = body.getBytes(StandardCharsets.UTF_8);
                 ex.sendResponseHeaders(200, bytes.length);

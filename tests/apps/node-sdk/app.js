@@ -1,7 +1,9 @@
 'use strict';
 // Test app for the Node SDK (tests/integration/test_node_sdk.py): boots, draws randomness, listens,
 // checkpoints; every copy answers GET / with what it sees: identity, env, argv, hostname, its random
-// streams and how often each hook ran.
+// streams and how often each hook ran (checkpointHooks: the checkpoint hooks as they ran in this process's
+// history, for tests/integration/test_live_sdk_hooks.py; with FAIL_CHECKPOINT_HOOK in its identity's env its
+// before-checkpoint hook throws).
 const crypto = require('crypto');
 // Taken before the SDK is loaded, so not wrapped: the control showing copies really share this state.
 const rawRandomBytes = crypto.randomBytes;
@@ -16,6 +18,12 @@ const port = Number(process.env.PORT || 8080);
 const hooks = { before: 0, after: [] };
 pool.beforeCheckpoint(() => { hooks.before += 1; });
 pool.afterRestore((id) => { hooks.after.push(id.instanceId); });
+const checkpointHooks = [];
+pool.beforeCheckpoint(() => {
+  if (process.env.FAIL_CHECKPOINT_HOOK) throw new Error('node-sdk refuses: FAIL_CHECKPOINT_HOOK is set');
+  checkpointHooks.push('before');
+});
+pool.afterCheckpoint(() => { checkpointHooks.push('after'); });
 
 // Use every generator before the checkpoint, as a warmed-up app would.
 const boot = { random: Math.random(), bytes: crypto.randomBytes(16).toString('hex'), uuid: randomUUID() };
@@ -32,6 +40,7 @@ const server = http.createServer((req, res) => {
     hostname: os.hostname(),
     identityHostname: identity && identity.hostname,
     hooks,
+    checkpointHooks,
     boot,
     random: [Math.random(), Math.random()],
     bytes: crypto.randomBytes(16).toString('hex'),

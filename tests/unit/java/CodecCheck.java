@@ -6,16 +6,18 @@ import java.io.InputStream;
 import java.io.OutputStream;
 import java.lang.reflect.InvocationTargetException;
 import java.lang.reflect.Method;
-import java.util.ArrayList;
 import java.util.List;
 import java.util.Random;
+import java.util.concurrent.CopyOnWriteArrayList;
 
 /**
  * Test driver for PoolRuntime (used by tests/unit/test_java_sdk.py).
  *
  *   echo        read frames from stdin, write each decoded value back re-encoded to stdout;
  *               a decode error goes to stderr with exit status 2
- *   checkpoint  call PoolRuntime.checkpoint() and print what this copy sees, one key=value a line
+ *   checkpoint  call PoolRuntime.checkpoint() and print what this copy sees, one key=value a line;
+ *               with CODEC_CHECK_SERVE set it then runs on (the SDK serving its control channel)
+ *               until stdin closes, and prints every hook that ran as events=...
  */
 public class CodecCheck {
 
@@ -53,8 +55,8 @@ public class CodecCheck {
         }
     }
 
-    private static void checkpoint() {
-        List<String> events = new ArrayList<>();
+    private static void checkpoint() throws IOException {
+        List<String> events = new CopyOnWriteArrayList<>(); // checkpoint hooks run on the SDK's thread
         Random first = PoolRuntime.registerRandom(new Random(1));
         Random second = PoolRuntime.registerRandom(new Random(1));
         first.nextLong(); // used before the checkpoint, like a warmed-up app would
@@ -66,6 +68,13 @@ public class CodecCheck {
                 throw new IllegalStateException("hook asked to fail: " + PoolRuntime.getenv("FAIL_HOOK"));
             }
             events.add("after:B");
+        });
+        PoolRuntime.afterCheckpoint(() -> events.add("checkpoint:A"));
+        PoolRuntime.afterCheckpoint(() -> {
+            if (PoolRuntime.getenv("FAIL_CHECKPOINT_HOOK") != null) {
+                throw new IllegalStateException("checkpoint hook asked to fail");
+            }
+            events.add("checkpoint:B");
         });
 
         PoolRuntime.Identity id = PoolRuntime.checkpoint();
@@ -84,5 +93,11 @@ public class CodecCheck {
             System.out.println("arg=" + arg);
         }
         System.out.println("done");
+        if (System.getenv("CODEC_CHECK_SERVE") != null) {
+            while (System.in.read() >= 0) {
+                // the pool's side drives the control channel meanwhile
+            }
+            System.out.println("events=" + String.join(",", events));
+        }
     }
 }

@@ -3,7 +3,9 @@
 //
 //   echo        read frames from stdin, write each decoded value back re-encoded to stdout; a decode
 //               error goes to stderr with exit status 2
-//   checkpoint  register hooks, call checkpoint() and print what this copy sees, one key=value a line
+//   checkpoint  register hooks, call checkpoint() and print what this copy sees, one key=value a line;
+//               with SDK_CHECK_SERVE set it then runs on (the SDK serving its control channel) until
+//               stdin closes, and prints every hook that ran as events=...
 const fs = require('fs');
 const path = require('path');
 
@@ -43,6 +45,11 @@ function checkpoint() {
     if (process.env.FAIL_HOOK) throw new Error(`hook asked to fail: ${process.env.FAIL_HOOK}`);
     events.push('after:B');
   });
+  pool.afterCheckpoint(() => events.push('checkpoint:A'));
+  pool.afterCheckpoint(() => {
+    if (process.env.FAIL_CHECKPOINT_HOOK) throw new Error('checkpoint hook asked to fail');
+    events.push('checkpoint:B');
+  });
   Math.random();  // used before the checkpoint, like a warmed-up app would
   const id = pool.checkpoint();
   const line = (k, v) => console.log(`${k}=${v}`);
@@ -62,6 +69,10 @@ function checkpoint() {
   line('argv01', process.argv.slice(0, 2).map((a) => path.basename(a)).join(','));
   for (const a of process.argv.slice(2)) line('arg', a);
   line('done', '');
+  if (process.env.SDK_CHECK_SERVE) {
+    process.stdin.resume();  // the pool's side drives the control channel meanwhile
+    process.stdin.on('end', () => line('events', events.join(',')));
+  }
 }
 
 const mode = process.argv[2];
