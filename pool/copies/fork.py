@@ -37,26 +37,34 @@ from pool.templates.store import Store, Template, new_build_id, seal
 def checkpoint_instance(inst: RestoredCopy, dest: Store | Path, criu: Criu, *,
                         leave_running: bool = True, name: str | None = None,
                         source_manifest: Manifest | None = None,
-                        timeout: float = 120.0, keep_channel: bool = False) -> Template:
+                        timeout: float = 120.0, keep_channel: bool = False,
+                        parent: Path | None = None) -> Template:
     """Dump the running copy inst into a template build.
 
     dest a Store: published there as `name` (default: a fresh store.fork_name). dest a Path: written as a
     build dir (manifest.json + image/) that must not exist yet, not published. The copy keeps
     running (leave_running) after a pause of one dump. keep_channel (a snapshot of the instance
     itself, not a fork): its control pipes are recorded, so a restore hands it fresh ones.
+    parent (a build dir only): the images of a pre-dump of inst (Criu.pre_dump); the dump writes
+    only the memory changed since, and its image/parent links there by a relative path, so the
+    two stay together wherever the dir that holds both moves (the manifest lists the pre-dump's
+    files as parent/NAME: they ship with the build).
     """
     name = name or fork_name(inst.template)
     keys = _stdio_keys(inst)
     pipes = _control_pipes(inst) if keep_channel else {}
     source_manifest = source_manifest or _source_manifest(inst, dest)
     if isinstance(dest, Store):
+        if parent is not None:
+            raise ValueError("a pre-dump parent goes with a build dir, not into a store")
         with dest.staging(name) as staged:
             manifest = _dump(inst, staged, criu, keys, source_manifest, leave_running, timeout)
             return dest.publish(name, staged, {**manifest, "pipes": pipes})
     build_dir = Path(dest)
     build_dir.mkdir(mode=0o700)
     try:
-        manifest = _dump(inst, build_dir, criu, keys, source_manifest, leave_running, timeout)
+        manifest = _dump(inst, build_dir, criu, keys, source_manifest, leave_running, timeout,
+                         parent)
         return seal(build_dir, name, {**manifest, "pipes": pipes})
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -64,12 +72,17 @@ def checkpoint_instance(inst: RestoredCopy, dest: Store | Path, criu: Criu, *,
 
 
 def _dump(inst: RestoredCopy, build_dir: Path, criu: Criu, keys: dict[str, str],
-          source_manifest: Manifest | None, leave_running: bool, timeout: float) -> dict[str, Any]:
+          source_manifest: Manifest | None, leave_running: bool, timeout: float,
+          parent: Path | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
+    opts = DumpOptions(leave_running=leave_running, tcp_close=True)
+    if parent is not None:
+        opts.track_mem = True
+        opts.parent_img = os.path.relpath(parent, build_dir / "image")
     with tempfile.TemporaryDirectory(prefix="pool-fork-") as logs:
         try:
             criu.dump(inst.pid, build_dir / "image", log_dir=Path(logs), timeout=timeout,
-                      opts=DumpOptions(leave_running=leave_running, tcp_close=True))
+                      opts=opts)
             criu.cpuinfo_dump(build_dir / "image")
         except CriuError as e:
             raise RestoreError("checkpointing the running copy", e.message) from e

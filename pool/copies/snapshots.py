@@ -10,14 +10,21 @@ A checkpoint is five explicit steps over the running copy:
 CRIU freezes the tree (cgroup freezer or ptrace), dumps it and thaws it (leave_running) in one call;
 its stats-dump image says how long the app was frozen, which the reply reports. A failed dump thaws
 the copy (CRIU resumes what it froze): a failed checkpoint leaves the instance running, and
-CheckpointError says at which step and why. Pre-dump (iterative, shorter freeze) needs soft-dirty
-tracking (`criu check --feature mem_dirty_track`, `pool doctor`); it is not wired in yet, so every
-checkpoint freezes the copy for the whole dump (docs/limits.md), and the snapshot says why.
+CheckpointError says at which step and why.
+
+Pre-dump (iterative: a shorter freeze) needs soft-dirty tracking (`criu check --feature
+mem_dirty_track`, `pool doctor`). Where the kernel has it, CRIU copies the app's memory into SNAP/pre
+while the app runs, and the dump (track_mem, parent_img) then writes only the pages changed since:
+its image/parent is CRIU's link to ../../pre, relative, so it resolves wherever the snapshot dir
+goes, and the build's manifest lists those files as parent/NAME, so they ship with it (migration)
+and are verified as its own are. A pre-dump that fails is removed and the checkpoint goes on with a
+full dump: it never fails the checkpoint nor stops the app, and the snapshot's note says why. Where
+the kernel lacks it, the step is skipped and the app is frozen for the whole dump (docs/limits.md).
 
 Where: RUN_DIR/snapshots/INSTANCE/SNAP/ of the node that runs the instance: a sealed fork build
 (manifest.json + image/, fork.py's format: stdio keyed by the instance's log paths, no control
-channel) and snapshot.json (tag, time, freeze time). Directories 0700, files 0600: a snapshot is
-the app's memory. The node's run dir, not the template store: a snapshot belongs to one instance and
+channel), pre/ if a pre-dump ran, and snapshot.json (tag, time, freeze time). Directories 0700,
+files 0600: a snapshot is the app's memory. The node's run dir, not the template store: a snapshot belongs to one instance and
 goes with it (a published copy, `pool checkpoint --keep`, goes into the store as a template).
 
 A snapshot is restored into a fresh run dir whose log files are hard links to the instance's (so
@@ -30,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +45,13 @@ from pathlib import Path
 from pool.copies import fork, restore_chain
 from pool.copies.restored import STREAMS, RestoredCopy
 from pool.cr.criu import Criu, read_dump_stats
-from pool.errors import CheckpointError, RestoreError, SnapshotNotFound
+from pool.errors import CheckpointError, CriuError, RestoreError, SnapshotNotFound
 from pool.templates.manifest import Manifest
 from pool.templates.store import Store, Template, load_build, write_problem
 
 META = "snapshot.json"
 BUILD = "build"
+PRE = "pre"          # the pre-dump's images, the dump's parent
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Snapshot:
     instance: str
     tag: str | None
     created: float                 # unix time
-    bytes: int                     # on disk
+    bytes: int                     # on disk (the pre-dump's images included)
     freeze_ms: float | None        # how long the app was frozen (CRIU's stats), if known
     dump_ms: float                 # the whole dump call
     pre_dumped: bool
@@ -152,13 +161,14 @@ def checkpoint(inst: RestoredCopy, snaps: Snapshots, criu: Criu, *, tag: str | N
     except OSError as e:
         raise CheckpointError("making the snapshot's directory", _os_problem(e)) from e
     try:
-        pre_dumped, pre_note = pre_dump(inst, criu)
+        pre_dumped, pre_note = pre_dump(inst, criu, sdir, timeout=timeout)
         t0 = time.monotonic()
         try:
             build = fork.checkpoint_instance(inst, sdir / BUILD, criu, leave_running=leave_running,
                                              name=f"{inst.template}+fork-{secrets.token_hex(8)}",
                                              source_manifest=source_manifest, timeout=timeout,
-                                             keep_channel=True)
+                                             keep_channel=True,
+                                             parent=sdir / PRE if pre_dumped else None)
         except RestoreError as e:
             raise CheckpointError("dumping (freeze, dump, thaw)", e.problem) from e
         except OSError as e:
@@ -173,18 +183,29 @@ def checkpoint(inst: RestoredCopy, snaps: Snapshots, criu: Criu, *, tag: str | N
 _dirty_tracking: dict[str, bool] = {}   # CRIU binary -> `criu check --feature mem_dirty_track`
 
 
-def pre_dump(inst: RestoredCopy, criu: Criu) -> tuple[bool, str]:
-    """Step 1: an iterative pre-dump shortens the freeze, where the kernel tracks dirty memory.
-    Returns whether it ran and what happened. Not wired in yet (docs/limits.md): the dump then
-    freezes the copy for all of it; the note says which of the two reasons holds here."""
+def pre_dump(inst: RestoredCopy, criu: Criu, sdir: Path, *,
+             timeout: float = 120.0) -> tuple[bool, str]:
+    """Step 1: where the kernel tracks dirty memory, pre-dump the running copy into sdir/pre, so
+    that the dump freezes it only to write what changed since. Returns whether sdir/pre is the
+    dump's parent now, and what happened. Never raises for CRIU: a failed pre-dump is removed
+    and the dump is a full one (the app keeps running either way: a pre-dump leaves it running,
+    and CRIU thaws what it froze when it fails)."""
     key = str(criu.binary)
     if key not in _dirty_tracking:
         _dirty_tracking[key] = criu.feature("mem_dirty_track").ok
     if not _dirty_tracking[key]:
         return False, ("skipped: this kernel has no soft-dirty memory tracking (`criu check "
                        "--feature mem_dirty_track`, pool doctor): the app was frozen for the whole dump")
-    return False, ("skipped: the kernel tracks dirty memory but iterative pre-dump is not wired in "
-                   "yet: the app was frozen for the whole dump")
+    pre = sdir / PRE
+    try:
+        with tempfile.TemporaryDirectory(prefix="pool-predump-") as logs:
+            criu.pre_dump(inst.pid, pre, log_dir=Path(logs), timeout=timeout)
+    except (CriuError, OSError) as e:
+        shutil.rmtree(pre, ignore_errors=True)
+        return False, (f"failed, so the dump was a full one and the app was frozen for all of it: "
+                       f"{_first_lines(e)}")
+    return True, ("ran: the app's memory was copied while it ran (pre/); the dump froze it only "
+                  "to write what changed since")
 
 
 def post_dump(inst: RestoredCopy, sdir: Path, build: Template, tag: str | None,
@@ -194,7 +215,8 @@ def post_dump(inst: RestoredCopy, sdir: Path, build: Template, tag: str | None,
     frozen_us = stats.get("frozen_time")
     try:
         for p in sdir.rglob("*"):
-            os.chmod(p, 0o700 if p.is_dir() else 0o600)
+            if not p.is_symlink():  # image/parent: its target, pre/, is in the walk itself
+                os.chmod(p, 0o700 if p.is_dir() else 0o600)
         meta = {"id": sdir.name, "instance": inst.id, "tag": tag, "created": time.time(),
                 "freeze_ms": None if frozen_us is None else round(frozen_us / 1000, 3),
                 "dump_ms": round(dump_ms, 3), "pre_dumped": pre_dumped, "pre_dump": pre_note}
@@ -244,11 +266,17 @@ def restore(s: Snapshot, criu: Criu, instances_dir: Path, *, logs_from: Path,
 # --- helpers ------------------------------------------------------------------------------------------
 def _read(sdir: Path, iid: str) -> Snapshot:
     meta = json.loads((sdir / META).read_text())
-    size = sum(p.stat().st_size for p in sdir.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in sdir.rglob("*") if p.is_file() and not p.is_symlink())
     return Snapshot(id=meta["id"], instance=iid, tag=meta.get("tag"), created=meta["created"],
                     bytes=size, freeze_ms=meta.get("freeze_ms"), dump_ms=meta["dump_ms"],
                     pre_dumped=bool(meta.get("pre_dumped")), dir=sdir,
                     pre_dump=str(meta.get("pre_dump") or ""))
+
+
+def _first_lines(e: Exception) -> str:
+    """What an error says, on one line: its message and the last line of CRIU's log tail."""
+    lines = [ln.strip() for ln in str(getattr(e, "message", None) or e).splitlines() if ln.strip()]
+    return " | ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
 
 
 def _os_problem(e: OSError) -> str:

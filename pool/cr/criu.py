@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import psutil
 
@@ -70,6 +70,11 @@ class DumpOptions:
     # this address until the target's lazy-pages daemon has taken them all (see dump_lazy).
     lazy_pages: bool = False
     page_server: tuple[str, int] | None = None
+    # Iterative dump: the memory a pre-dump wrote (parent_img, relative to images_dir, so the
+    # `parent` symlink CRIU writes there still resolves once the dir is moved) is not written
+    # again unless it changed since; track_mem resets the soft-dirty bits for a later round.
+    track_mem: bool = False
+    parent_img: str | None = None
 
 
 @dataclass
@@ -93,6 +98,18 @@ def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     errors = [ln for ln in all_lines if "Error" in ln or "error" in ln]
     picked = errors[-lines:] if errors else all_lines[-lines:]
     return "\n".join(picked)
+
+
+def _single_pre_dump(client) -> object:
+    """pycriu's pre_dump() with the one-shot request type (see Criu.pre_dump)."""
+    pycriu = _import_pycriu()
+    req = pycriu.rpc.criu_req()
+    req.type = pycriu.rpc.SINGLE_PRE_DUMP
+    req.opts.MergeFrom(client.opts)
+    resp = client._send_req_and_recv_resp(req)
+    if not resp.success:
+        raise pycriu.CRIUExceptionExternal(req.type, resp.type, resp.cr_errno)
+    return resp
 
 
 def _import_pycriu():
@@ -300,6 +317,10 @@ class Criu:
                     o.external.append(ext)
                 if opts.ghost_limit is not None:
                     o.ghost_limit = opts.ghost_limit
+                if opts.track_mem:
+                    o.track_mem = True
+                if opts.parent_img is not None:
+                    o.parent_img = opts.parent_img
                 if opts.lazy_pages:
                     o.lazy_pages = True
                     if opts.page_server is not None:
@@ -315,6 +336,47 @@ class Criu:
             os.close(img_fd)
             os.close(log_fd)
         return log_path
+
+    def pre_dump(self, pid: int, images_dir: Path, *, opts: DumpOptions | None = None,
+                 timeout: float = 120.0, log_dir: Path) -> Path:
+        """Pre-dump the tree rooted at pid into images_dir (created here, 0700): its memory is
+        written while it runs (frozen only to collect it), and the kernel's soft-dirty bits reset,
+        so that a dump with parent_img pointing here writes only what changed since. The tree always
+        keeps running. Needs `feature("mem_dirty_track")`; without it CRIU aborts. A failure
+        removes images_dir; the log stays in log_dir. Returns the log's path.
+
+        One-shot: SINGLE_PRE_DUMP. A PRE_DUMP request would make CRIU wait on the same connection
+        for a next pre-dump or the dump (cr-service.c, pre_dump_loop); ours is one process a call.
+        """
+        opts = opts or DumpOptions()
+        images_dir.mkdir(mode=0o700)
+        img_fd = log_fd = -1
+        try:
+            img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+            log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
+            log_path = log_dir / "pre-dump.log"
+            with self._swrk((img_fd, log_fd)) as (client, proc):
+                o = cast(Any, client).opts
+                o.images_dir_fd = img_fd
+                o.work_dir_fd = log_fd
+                o.log_file = "pre-dump.log"
+                o.log_level = opts.log_level
+                o.pid = pid
+                o.shell_job = False
+                o.track_mem = True   # what the dump's parent_img relies on
+                if opts.network_lock_skip:
+                    o.network_lock = 3  # criu_network_lock_method.SKIP
+                for ext in opts.external:
+                    o.external.append(ext)
+                self._call("pre-dump", _single_pre_dump, client, proc, timeout, log_path)
+            return log_path
+        except BaseException:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            raise
+        finally:
+            for fd in (img_fd, log_fd):
+                if fd >= 0:
+                    os.close(fd)
 
     def restore(self, images_dir: Path, *, opts: RestoreOptions | None = None,
                 timeout: float = 60.0, log_dir: Path) -> int:

@@ -6,7 +6,8 @@ this version does not know (a newer node's) are carried through unchanged.
 
 from_dict() is the boundary: a manifest read from disk or sent by a peer becomes a Manifest, or
 TemplateCorrupt naming the field. Its names become paths (build id, image file names), so they are
-held to what a directory entry may be.
+held to what a directory entry may be: NAME, or parent/NAME for a file of the pre-dump image that
+an iterative dump's pages refer to (CRIU reads it through image/parent; pool/copies/snapshots.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pool.errors import TemplateCorrupt
 MANIFEST = "manifest.json"
 FORMAT = 1
 _BUILD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")   # a directory name, never a path
-_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")      # an image file name, never a path
+PARENT = "parent"   # CRIU's link from an iterative dump's image dir to its pre-dump's (CR_PARENT_LINK)
+_FILE_RE = re.compile(r"^(?:parent/)?[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # NAME or parent/NAME
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -185,7 +187,7 @@ def _files(raw: Any, bad) -> dict[str, ImageFile]:
         raise bad("the manifest lists no image files")
     files = {}
     for rel, meta in raw.items():
-        if not isinstance(rel, str) or not _FILE_RE.match(rel):
+        if not isinstance(rel, str) or not _FILE_RE.match(rel) or rel == PARENT:
             raise bad(f"bad image file name {rel!r}")
         if (not isinstance(meta, dict) or not _is_int(meta.get("size")) or meta["size"] < 0
                 or not isinstance(meta.get("sha256"), str) or not _SHA_RE.match(meta["sha256"])):

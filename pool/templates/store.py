@@ -5,6 +5,7 @@ Layout (everything 0700 dirs / 0600 files: images hold process memory, secrets i
     STORE/NAME/current -> builds/BUILD_ID     swapped atomically by rename(2) of a new symlink
     STORE/NAME/builds/BUILD_ID/manifest.json
     STORE/NAME/builds/BUILD_ID/image/*.img    CRIU images + cpuinfo.img
+    STORE/NAME/builds/BUILD_ID/image/parent/  a pre-dump's images, if the dump was iterative
     STORE/.staging/...                        builds in progress; never read by restores
 
 With an image key (`[service] encrypt_images`), every image file is sealed (AES-GCM in chunks,
@@ -35,7 +36,7 @@ from pool.errors import TemplateCorrupt, TemplateNotFound
 from pool.names import is_stored_name
 from pool.templates import imagecrypt
 from pool.templates.imagecrypt import ImageCache, ImageKey
-from pool.templates.manifest import FORMAT, MANIFEST, ImageFile, Manifest, valid_build_id
+from pool.templates.manifest import FORMAT, MANIFEST, PARENT, ImageFile, Manifest, valid_build_id
 
 KEEP_PREVIOUS = 1
 _NOT_PUBLISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})  # readlink: no build
@@ -49,6 +50,19 @@ def sha256_file(path: Path, h: Any = None) -> Any:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h
+
+
+def image_entries(image: Path) -> list[tuple[str, Path]]:
+    """What an image dir holds, named as a manifest names its files: NAME for each entry, and
+    parent/NAME for those of a pre-dump's image when image/parent is a dir (CRIU's relative link
+    to it in the build that was dumped, a plain dir where it was received), sorted."""
+    out = []
+    for p in sorted(image.iterdir()):
+        if p.name == PARENT and p.is_dir():
+            out += [(f"{PARENT}/{q.name}", q) for q in sorted(p.iterdir())]
+        else:
+            out.append((p.name, p))
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,7 @@ class Template:
         (of the plaintext: a sealed file is decrypted, each chunk authenticated, on the way)."""
         files = self.manifest.files
         image = self.stored_dir
-        present = {p.name for p in image.iterdir()} if image.is_dir() else set()
+        present = {rel for rel, _ in image_entries(image)} if image.is_dir() else set()
         missing = sorted(set(files) - present)
         if missing:
             raise TemplateCorrupt(self.name, f"image file missing: {missing[0]}")
@@ -264,15 +278,16 @@ class Store:
             else:
                 shutil.rmtree(staged, ignore_errors=True)
                 return self._swap(name, final)
-        for p in (staged / "image").iterdir():
+        for _, p in image_entries(staged / "image"):
             os.chmod(p, 0o600)
         write_manifest(staged, manifest)
         return self._install(name, staged, manifest.build_id)
 
     def _install(self, name: str, staged: Path, build_id: str) -> Template:
         """Sync the sealed build staged, move it into builds/ and swap `current` to it."""
-        for d in (staged, staged / "image"):
-            os.chmod(d, 0o700)
+        for d in (staged, staged / "image", staged / "image" / PARENT):
+            if d.is_dir():
+                os.chmod(d, 0o700)
         _fsync_tree(staged)
 
         tdir = self.root / name
@@ -355,16 +370,17 @@ def seal(build_dir: Path, name: str, facts: Mapping[str, Any],
     image = build_dir / "image"
     files = {}
     if key is None:
-        for p in sorted(image.iterdir()):
+        for rel, p in image_entries(image):
             os.chmod(p, 0o600)
-            files[p.name] = ImageFile(size=p.stat().st_size, sha256=sha256_file(p).hexdigest())
+            files[rel] = ImageFile(size=p.stat().st_size, sha256=sha256_file(p).hexdigest())
     else:
         out = into or build_dir
         sealed = out / ".sealed"
         sealed.mkdir(mode=0o700)
-        for p in sorted(image.iterdir()):
-            size, digest = imagecrypt.seal_file(key, p, sealed / p.name, p.name)
-            files[p.name] = ImageFile(size=size, sha256=digest)
+        for rel, p in image_entries(image):
+            (sealed / rel).parent.mkdir(exist_ok=True, mode=0o700)
+            size, digest = imagecrypt.seal_file(key, p, sealed / rel, rel)
+            files[rel] = ImageFile(size=size, sha256=digest)
         if into is None:
             shutil.rmtree(image)
         os.rename(sealed, out / "image")
@@ -382,6 +398,7 @@ def _decrypt_build(template: Template, dest: Path) -> None:
     manifest's sha256."""
     template.verify(full=False)
     for rel, meta in template.manifest.files.items():
+        (dest / rel).parent.mkdir(exist_ok=True, mode=0o700)
         fd = os.open(dest / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb", buffering=0) as out:
             if template.digest(rel, out=out).hexdigest() != meta.sha256:

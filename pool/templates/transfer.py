@@ -1,5 +1,8 @@
 """Ship a published template (manifest.json + image/*) from one node's store to another's over TCP.
 
+What ships is the manifest's files, by the names it gives them: an iterative dump's (a snapshot's)
+include its pre-dump's images as parent/NAME, received into image/parent/, where CRIU looks.
+
 The node that needs the template pulls it from one that has it (`fetch` against a `TemplateSource`):
 
     client -> hello                      (protocol.make_hello: version, token)
@@ -51,7 +54,7 @@ from pool.templates import imagecrypt
 from pool.templates.compat import NodeFacts, compatibility_problem
 from pool.templates.imagecrypt import ImageKey
 from pool.templates.manifest import ImageFile, Manifest
-from pool.templates.store import Store, Template, sha256_file, write_problem
+from pool.templates.store import Store, Template, image_entries, sha256_file, write_problem
 from pool.wire import protocol
 from pool.wire.tls import TlsFiles, closed_in_handshake, handshake_error
 
@@ -546,6 +549,7 @@ async def _receive_file(reader: asyncio.StreamReader, image: Path, rel: str, met
                         codec: str, offset: int, hasher: Any, idle: float,
                         result: FetchResult, key: ImageKey | None) -> None:
     part = image / f"{rel}.part"
+    part.parent.mkdir(exist_ok=True, mode=0o700)  # parent/NAME: a pre-dump's image
     if offset == 0:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
@@ -587,8 +591,8 @@ def _scan_partial(partial: Path, manifest: Manifest,
     have: dict[str, str] = {}
     resume: dict[str, int] = {}
     hashers: dict[str, Any] = {}
-    for p in image.iterdir():
-        rel, is_part = (p.name[:-5], True) if p.name.endswith(".part") else (p.name, False)
+    for entry, p in image_entries(image):
+        rel, is_part = (entry[:-5], True) if entry.endswith(".part") else (entry, False)
         meta = files.get(rel)
         if meta is None or not p.is_file():
             _remove(p)
@@ -616,8 +620,9 @@ def _scan_sealed_partial(partial: Path, manifest: Manifest,
     have: dict[str, str] = {}
     resume: dict[str, int] = {}
     hashers: dict[str, Any] = {}
-    for p in (partial / "image").iterdir():
-        rel, is_part = (p.name[:-5], True) if p.name.endswith(".part") else (p.name, False)
+    image = partial / "image"
+    for entry, p in image_entries(image):
+        rel, is_part = (entry[:-5], True) if entry.endswith(".part") else (entry, False)
         meta = manifest.files.get(rel)
         if meta is None or not p.is_file():
             _remove(p)
@@ -628,7 +633,7 @@ def _scan_sealed_partial(partial: Path, manifest: Manifest,
                         received.digest(rel).hexdigest() == meta.sha256:
                     have[rel] = meta.sha256
                     continue
-            elif not (p.parent / rel).exists():
+            elif not (image / rel).exists():
                 whole = (p.stat().st_size - imagecrypt.HEADER.size) // step
                 if 0 < whole and whole * imagecrypt.CHUNK < meta.size:
                     os.truncate(p, imagecrypt.HEADER.size + whole * step)  # a torn last chunk

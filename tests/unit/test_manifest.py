@@ -74,6 +74,9 @@ def test_to_dict_is_a_copy():
     (lambda m: m.update(pipes={"stdout": "x"}), "pipes"),
     (lambda m: m.update(files={}), "no image files"),
     (lambda m: m["files"].update({"a/b": {"size": 1, "sha256": SHA}}), "bad image file name"),
+    (lambda m: m["files"].update({"parent": {"size": 1, "sha256": SHA}}), "bad image file name"),
+    (lambda m: m["files"].update({"parent/../x": {"size": 1, "sha256": SHA}}), "bad image file"),
+    (lambda m: m["files"].update({"parent/parent/x": {"size": 1, "sha256": SHA}}), "bad image file"),
     (lambda m: m["files"]["inventory.img"].update(size=True), "bad size or sha256 for inventory"),
     (lambda m: m.update(image_bytes=31), "image_bytes"),
     (lambda m: m.update(dump_s="fast"), "dump_s"),
@@ -87,6 +90,15 @@ def test_a_bad_field_is_refused_by_name(change, field):
     with pytest.raises(TemplateCorrupt, match=field) as e:
         Manifest.from_dict(raw, "py-hello")
     assert e.value.reason.startswith(MANIFEST)
+
+
+def test_an_iterative_dump_lists_its_pre_dump_files_under_parent():
+    raw = copy.deepcopy(FORK)
+    raw["files"]["parent/pages-1.img"] = {"size": 5, "sha256": SHA}
+    raw["image_bytes"] = 35
+    m = Manifest.from_dict(raw, raw["name"])
+    assert m.files["parent/pages-1.img"] == ImageFile(size=5, sha256=SHA)
+    assert json.dumps(m.to_dict(), sort_keys=True) == json.dumps(raw, sort_keys=True)
 
 
 def test_not_a_map():
