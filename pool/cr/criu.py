@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -283,20 +283,38 @@ class Criu:
         The log goes to log_dir, so that a failed dump removes images_dir entirely and still keeps
         its log. Returns the log's path.
         """
-        opts = opts or DumpOptions()
+        return self._dump_into_new(pid, images_dir, opts or DumpOptions(), timeout, log_dir, "dump")
+
+    def pre_dump(self, pid: int, images_dir: Path, *, opts: DumpOptions | None = None,
+                 timeout: float = 120.0, log_dir: Path) -> Path:
+        """Pre-dump the tree rooted at pid into images_dir (created here, 0700): its memory is
+        written while it runs (frozen only to collect it), and the kernel's soft-dirty bits reset,
+        so that a dump with parent_img pointing here writes only what changed since. The tree always
+        keeps running. Needs `feature("mem_dirty_track")`; without it CRIU aborts. A failure
+        removes images_dir; the log stays in log_dir. Returns the log's path.
+
+        One-shot: SINGLE_PRE_DUMP. A PRE_DUMP request would make CRIU wait on the same connection
+        for a next pre-dump or the dump (cr-service.c, pre_dump_loop); ours is one process a call.
+        """
+        opts = replace(opts or DumpOptions(), track_mem=True, parent_img=None, lazy_pages=False)
+        return self._dump_into_new(pid, images_dir, opts, timeout, log_dir, "pre-dump")
+
+    def _dump_into_new(self, pid: int, images_dir: Path, opts: DumpOptions, timeout: float,
+                       log_dir: Path, op: str) -> Path:
         images_dir.mkdir(mode=0o700)
         try:
-            return self._dump(pid, images_dir, opts, timeout, log_dir)
+            return self._dump(pid, images_dir, opts, timeout, log_dir, op=op)
         except BaseException:
             shutil.rmtree(images_dir, ignore_errors=True)
             raise
 
     def _dump(self, pid: int, images_dir: Path, opts: DumpOptions, timeout: float,
               log_dir: Path, status_fd: int | None = None,
-              watch: list[subprocess.Popen] | None = None) -> Path:
+              watch: list[subprocess.Popen] | None = None, op: str = "dump") -> Path:
+        """One dump ("dump") or pre-dump ("pre-dump") request to a CRIU of its own."""
         img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
         log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
-        log_path = log_dir / "dump.log"
+        log_path = log_dir / f"{op}.log"
         try:
             with self._swrk((img_fd, log_fd)) as (client, proc):
                 if watch is not None:
@@ -304,7 +322,7 @@ class Criu:
                 o = client.opts
                 o.images_dir_fd = img_fd
                 o.work_dir_fd = log_fd
-                o.log_file = "dump.log"
+                o.log_file = log_path.name
                 o.log_level = opts.log_level
                 o.pid = pid
                 o.leave_running = opts.leave_running
@@ -331,52 +349,12 @@ class Criu:
                             o.tls_cacert, o.tls_cert, o.tls_key = str(tls.ca), str(tls.cert), str(tls.key)
                 if status_fd is not None:
                     o.status_fd = status_fd  # CRIU opens /proc/OURPID/fd/N and writes once ready
-                self._call("dump", lambda c: c.dump(), client, proc, timeout, log_path)
+                request = _single_pre_dump if op == "pre-dump" else (lambda c: c.dump())
+                self._call(op, request, client, proc, timeout, log_path)
         finally:
             os.close(img_fd)
             os.close(log_fd)
         return log_path
-
-    def pre_dump(self, pid: int, images_dir: Path, *, opts: DumpOptions | None = None,
-                 timeout: float = 120.0, log_dir: Path) -> Path:
-        """Pre-dump the tree rooted at pid into images_dir (created here, 0700): its memory is
-        written while it runs (frozen only to collect it), and the kernel's soft-dirty bits reset,
-        so that a dump with parent_img pointing here writes only what changed since. The tree always
-        keeps running. Needs `feature("mem_dirty_track")`; without it CRIU aborts. A failure
-        removes images_dir; the log stays in log_dir. Returns the log's path.
-
-        One-shot: SINGLE_PRE_DUMP. A PRE_DUMP request would make CRIU wait on the same connection
-        for a next pre-dump or the dump (cr-service.c, pre_dump_loop); ours is one process a call.
-        """
-        opts = opts or DumpOptions()
-        images_dir.mkdir(mode=0o700)
-        img_fd = log_fd = -1
-        try:
-            img_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
-            log_fd = os.open(log_dir, os.O_DIRECTORY | os.O_RDONLY)
-            log_path = log_dir / "pre-dump.log"
-            with self._swrk((img_fd, log_fd)) as (client, proc):
-                o = cast(Any, client).opts
-                o.images_dir_fd = img_fd
-                o.work_dir_fd = log_fd
-                o.log_file = "pre-dump.log"
-                o.log_level = opts.log_level
-                o.pid = pid
-                o.shell_job = False
-                o.track_mem = True   # what the dump's parent_img relies on
-                if opts.network_lock_skip:
-                    o.network_lock = 3  # criu_network_lock_method.SKIP
-                for ext in opts.external:
-                    o.external.append(ext)
-                self._call("pre-dump", _single_pre_dump, client, proc, timeout, log_path)
-            return log_path
-        except BaseException:
-            shutil.rmtree(images_dir, ignore_errors=True)
-            raise
-        finally:
-            for fd in (img_fd, log_fd):
-                if fd >= 0:
-                    os.close(fd)
 
     def restore(self, images_dir: Path, *, opts: RestoreOptions | None = None,
                 timeout: float = 60.0, log_dir: Path) -> int:

@@ -142,3 +142,13 @@ def drive_checkpoint_hooks(cmd: list[str], identity: dict, env_extra: dict[str, 
         fds[1] = -1
         out, err = proc.communicate(timeout=TIMEOUT)
     return ack, replies, parse_output(out)[0], err, proc.returncode
+
+
+def assert_failed_hook_reported(replies: list[dict], out: dict, events: str) -> None:
+    """What drive_checkpoint_hooks gets back when the app's after-checkpoint hook throws: the
+    before hooks ran, the failure is the app's error reply, and the SDK reads on after it."""
+    assert replies[0] == {"type": "ok"} and replies[1]["type"] == "error"
+    assert "after-checkpoint hook failed" in replies[1]["message"]
+    assert "checkpoint hook asked to fail" in replies[1]["message"]
+    assert replies[2]["type"] == "error"                   # still reading after the failure
+    assert out["events"] == events
