@@ -106,14 +106,16 @@ def free_port() -> int:
 
 
 # --- cold ---------------------------------------------------------------------------------------------
-def boot_cold(name: str, command: list[str] | None = None, env: dict | None = None) -> Sample:
-    """One boot (the template's command, or `command`) to its first correct answer, in the sandbox."""
-    spec = load_spec(ROOT / "templates" / name)
+def boot_cold(name: str, command: list[str] | None = None, env: dict | None = None, *,
+              folder: Path | None = None, probe: Probe | None = None) -> Sample:
+    """One boot (the template's command, or `command`) to its first correct answer, in the sandbox.
+    folder: the template's folder when it is not templates/NAME; probe: when it has none in PROBES."""
+    spec = load_spec(folder or ROOT / "templates" / name)
     t0 = time.perf_counter()
     app = sandbox.boot(command or list(spec.command), cwd=spec.cwd,
                        env={**app_environment(spec), **(env or {})}, sdk=False)
     try:
-        took = first_answer(in_ns(app.netns, spec.network.port), PROBES[name], t0,
+        took = first_answer(in_ns(app.netns, spec.network.port), probe or PROBES[name], t0,
                             alive=lambda: app.exited() is None, why=app.output.text)
     except BaseException:
         app.kill()
@@ -224,10 +226,11 @@ def lazy_restore(criu, template, workdir: Path) -> Sample:
 
 
 # --- through the pool service ---------------------------------------------------------------------------
-def spawn_to_answer(client, name: str, want_path: str) -> Sample:
+def spawn_to_answer(client, name: str, want_path: str, probe: Probe | None = None) -> Sample:
     """pool.Client.spawn to the first correct answer through the published port. Also records the
     spawn call alone at the client (spawn_call_s) and the service's own spawn_ms (request in to reply
-    out): the first answer minus the spawn call is the app's first request."""
+    out): the first answer minus the spawn call is the app's first request. probe: for a template
+    with none in PROBES."""
     t0 = time.perf_counter()
     inst = client.spawn(name, timeout=120)
     spawn_call_s = time.perf_counter() - t0
@@ -237,7 +240,7 @@ def spawn_to_answer(client, name: str, want_path: str) -> Sample:
 
     try:
         assert inst.path == want_path, f"expected a {want_path} spawn, got {inst.path}"
-        took = first_answer(on_host(inst.address), PROBES[name], t0)
+        took = first_answer(on_host(inst.address), probe or PROBES[name], t0)
     except BaseException:
         kill()
         raise

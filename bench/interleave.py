@@ -75,12 +75,13 @@ class Interleaved:
 
 
 def measure_interleaved(benchmark, template: str, modes: list[Mode], cycles: int, warmup: int,
-                        **info) -> dict[str, dict[str, list[float]]]:
+                        kind: str = "first-answer", **info) -> dict[str, dict[str, list[float]]]:
     """Run `cycles` kept cycles (+ `warmup`) under pytest-benchmark; record the samples in extra_info
-    as kind "first-answer" (bench/report.py reads them)."""
+    as `kind` (bench/report.py reads them: "first-answer" is the section of the ways to a first
+    answer, another kind keeps a run of the same template out of it)."""
     run = Interleaved(modes, warmup)
     t0 = time.perf_counter()
     benchmark.pedantic(run.run_cycle, rounds=cycles, warmup_rounds=warmup, iterations=1)
-    benchmark.extra_info.update(kind="first-answer", template=template, cycles=cycles,
+    benchmark.extra_info.update(kind=kind, template=template, cycles=cycles,
                                 run_s=round(time.perf_counter() - t0, 1), **run.info(), **info)
     return run.samples

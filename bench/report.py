@@ -7,7 +7,8 @@ Refuses results recorded on a dirty tree (machine_info.git, written by bench/con
 
 Sections: time to first correct answer per mode (kind "first-answer": median, quartiles, min-max, and
 x vs cold = cold median / this median, both to the same end point in the same interleaved run), the
-client round trip (kind "client-round-trip"), the soak, the heavy templates' image sizes, memory per
+client round trip (kind "client-round-trip"), running instances (wake on request against cold
+start, live checkpoint freeze, migration), the soak, the heavy templates' image sizes, memory per
 copy, throughput and page-cache effect, and a plain table for every other benchmark. With heavy-template
 results also NAME-summary.json and PNG charts NAME-latency.png, NAME-memory.png, NAME-throughput.png
 (matplotlib; skipped with a note when it is not installed).
@@ -29,7 +30,10 @@ MODE_LABEL = {"cold": "cold start", "criu-cli": "criu restore (CLI)", "spawn-mis
               "spawn-warm": "spawn, warm pool", "peer": "runtime's own aid",
               "lazy": "criu restore, lazy pages (not in the pool)"}
 TARGET = {"spawn-warm": 100, "spawn-miss": 10}  # the issue's goals: this many times faster than cold
-OWN_SECTIONS = ("first-answer", "client-round-trip", "demand-round-trip", "demand-burst")
+OWN_SECTIONS = ("first-answer", "client-round-trip", "demand-round-trip", "demand-burst",
+                "wake-first-answer", "live-checkpoint", "migrate")
+WAKE_MODES = {"wake": "wake on request (suspended instance)", "spawn-miss": "spawn, restore on miss",
+              "cold": "cold start"}
 MB = 2 ** 20
 
 
@@ -214,6 +218,74 @@ def demand_markdown(data: dict) -> str:
                  "| pool | template | spawns | concurrency | copies/s | p50 ms | p99 ms | hits | misses | "
                  "peak target | target after |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
                  + "\n".join(bursts) + "\n")
+    return text
+
+
+# --- running instances: wake, live checkpoint, migration ------------------------------------------
+def _spread_ms(vals: list[float]) -> tuple[int, str, str, str]:
+    """(n, median, p25-p75, min-max) of values already in ms."""
+    s = spread(vals)
+    f = lambda v: f"{v:.0f}" if v >= 100 else f"{v:.1f}"  # noqa: E731
+    return s["n"], f(s["median"]), f"{f(s['p25'])}-{f(s['p75'])}", f"{f(s['min'])}-{f(s['max'])}"
+
+
+def live_markdown(data: dict) -> str:
+    """bench/test_live_bench.py: wake on request against cold start (kind "wake-first-answer", the
+    same interleaved samples as the first-answer section), live checkpoints and migrations."""
+    wake, ckpt, moves, pre_dumps = [], [], [], {}
+    for b in data.get("benchmarks", []):
+        x = b.get("extra_info", {})
+        if x.get("kind") == "wake-first-answer":
+            modes = {m: spread(v[ANSWER]) for m, v in x["modes"].items() if v.get(ANSWER)}
+            cold = modes.get("cold", {}).get("median")
+            for mode, label in WAKE_MODES.items():
+                a = modes.get(mode)
+                if not a:
+                    continue
+                xc = f"{cold / a['median']:.1f}x" if cold and a["median"] and mode != "cold" else ""
+                sus = x["modes"][mode].get("suspend_call_ms")
+                wake.append(f"| {x['template']} | {label} | {a['n']} | {_ms(a['median'])} | "
+                            f"{_ms(a['p25'])}-{_ms(a['p75'])} | {_ms(a['min'])}-{_ms(a['max'])} | {xc} | "
+                            f"{_spread_ms(sus)[1] if sus else ''} |")
+        elif x.get("kind") == "live-checkpoint":
+            n, fmed, fq, fr = _spread_ms(x["freeze_ms"])
+            _, cmed, cq, _ = _spread_ms(x["call_ms"])
+            ckpt.append(f"| {x['template']} | {n} | {fmed} | {fq} | {fr} | {_spread_ms(x['dump_ms'])[1]} | "
+                        f"{cmed} | {cq} | {statistics.median(x['snapshot_bytes']) / MB:.0f} | "
+                        f"{', '.join(p.split(':')[0] for p in x['pre_dump'])} |")
+            pre_dumps.update(dict.fromkeys(x["pre_dump"]))
+        elif x.get("kind") == "migrate":
+            n, cmed, cq, cr = _spread_ms(x["call_ms"])
+            freeze = [v for v in x["freeze_ms"] if v is not None]
+            moves.append(f"| {x['template']} | {'lazy' if x['lazy'] else 'eager'} | {n} | {cmed} | {cq} | "
+                         f"{cr} | {_spread_ms(x['migrate_ms'])[1]} | "
+                         f"{_spread_ms(freeze)[1] if freeze else '- (lazy)'} | "
+                         f"{_spread_ms(x['first_answer_after_ms'])[1]} | "
+                         f"{statistics.median(x['image_bytes']) / MB:.1f} |")
+    if not (wake or ckpt or moves):
+        return ""
+    text = "## Running instances: wake on request, live checkpoint, migration\n"
+    if wake:
+        text += ("\nA suspended instance, from the connect to its address to its first correct answer "
+                 "(the service restores it in between), interleaved round-robin with the template's "
+                 "cold start and a restoring spawn to the same answer. x vs cold = cold median / this "
+                 "median. The suspend call before each wake is not in it.\n\n"
+                 "| template | path | n | median ms | p25-p75 ms | min-max ms | x vs cold | "
+                 "suspend call median ms |\n|---|---|---:|---:|---|---|---:|---:|\n" + "\n".join(wake) + "\n")
+    if ckpt:
+        text += ("\n`pool checkpoint` of a running instance: freeze = the time the app stood frozen "
+                 "(CRIU's own measure), dump = the whole dump in the service, call = the RPC at the "
+                 "client.\n\n| template | n | freeze median ms | freeze p25-p75 ms | freeze min-max ms | "
+                 "dump median ms | call median ms | call p25-p75 ms | snapshot MB | pre-dump |\n"
+                 "|---|---:|---:|---|---|---:|---:|---|---:|---|\n" + "\n".join(ckpt) + "\n\n"
+                 + "".join(f"- pre-dump: {p}\n" for p in pre_dumps))
+    if moves:
+        text += ("\n`pool migrate` between two agents in network namespaces (mutual TLS), back and "
+                 "forth: the call at the client, the coordinator's migrate_ms, the app's freeze (eager "
+                 "only), and the first answer on the new node after the call (lazy: its memory still "
+                 "following).\n\n| template | mode | n | call median ms | call p25-p75 ms | call min-max ms | "
+                 "migrate_ms median | freeze median ms | first answer after, median ms | shipped MB |\n"
+                 "|---|---|---:|---:|---|---|---:|---:|---:|---:|\n" + "\n".join(moves) + "\n")
     return text
 
 
@@ -429,6 +501,9 @@ def main(argv: list[str]) -> int:
     demand = demand_markdown(data)
     if demand:
         text += "\n" + demand
+    live = live_markdown(data)
+    if live:
+        text += "\n" + live
     if any(_soak(b) for b in data.get("benchmarks", [])):
         text += "\n" + soak_markdown(data)
     summary = heavy_summary(data, fa)

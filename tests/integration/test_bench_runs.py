@@ -162,7 +162,28 @@ def test_etcd_bench_runs(tmp_path):
     assert all(b["extra_info"]["spawns_per_s"] > 0 for b in data.values())
 
 
-def test_live_bench_runs(tmp_path):
-    data = run_quick("test_live_bench.py", tmp_path / "out.json")
-    assert set(data) == {"test_live_checkpoint", "test_wake_on_connect", "test_rollback"}
-    assert data["test_live_checkpoint"]["extra_info"]["freeze_ms_p50"] > 0
+def test_live_bench_runs_and_reports(tmp_path):
+    out = tmp_path / "live.json"
+    data = run_quick("test_live_bench.py", out, timeout=900)
+    live = ("counter", "py-embed", "jvm-app")
+    assert set(data) == {*(f"test_wake_to_first_answer[{t}]" for t in live),
+                         *(f"test_live_checkpoint[{t}]" for t in live),
+                         *(f"test_migrate[{t}-{m}]" for t in ("counter", "py-embed")
+                           for m in ("eager", "lazy")), "test_rollback"}
+    for t in live:
+        modes = data[f"test_wake_to_first_answer[{t}]"]["extra_info"]["modes"]
+        assert set(modes) == {"wake", "cold", "spawn-miss"}
+        assert all(len(m["answer_s"]) == 2 for m in modes.values())  # BENCH_QUICK: 2 cycles
+        ckpt = data[f"test_live_checkpoint[{t}]"]["extra_info"]
+        assert len(ckpt["freeze_ms"]) == 2 and all(f > 0 for f in ckpt["freeze_ms"])
+    for name, b in data.items():
+        if name.startswith("test_migrate["):
+            x = b["extra_info"]
+            assert len(x["call_ms"]) == len(x["first_answer_after_ms"]) == 2
+            assert all(f is None for f in x["freeze_ms"]) if x["lazy"] else \
+                all(f > 0 for f in x["freeze_ms"])
+    report(out)
+    md = out.with_suffix(".md").read_text()
+    assert "## Running instances: wake on request" in md
+    assert "| jvm-app | wake on request (suspended instance) | 2 |" in md
+    assert "| counter | lazy | 2 |" in md
