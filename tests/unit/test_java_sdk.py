@@ -15,7 +15,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from sdkwire import (CASES, IDENTITY, TIMEOUT, control_app, drive_checkpoint_hooks, frame, parse_output,
+from sdkwire import (CASES, IDENTITY, TIMEOUT, assert_failed_hook_reported, control_app,
+                     drive_checkpoint_hooks, frame, parse_output,
                      recv, send, split_frames, unpack)
 
 ROOT = Path(__file__).resolve().parents[2]
