@@ -93,7 +93,7 @@ class LiveOps:
                 raise CheckpointError("publishing the snapshot as a template",
                                       write_problem(e.errno)) from e
             published = name
-        pruned = self.snapshots.prune(iid, self.settings(c.inst.template).keep_snapshots)
+        pruned = self._prune(c)
         return {"id": iid, "node": self.rt.name, "snapshot": s.describe(),
                 "pre_dump": s.pre_dump, "hooks": hooks, "published": published,
                 "pruned": pruned}
@@ -118,6 +118,11 @@ class LiveOps:
             hooks = (await self._hook(inst, "after_checkpoint", restored=False) if leave_running
                      else "before_checkpoint ran; after_checkpoint runs once it is restored")
         return s, hooks
+
+    def _prune(self, c: Copy) -> list[str]:
+        """Retention after each snapshot taken (checkpoint, suspend, periodic): the template's
+        keep_snapshots newest stay. Returns the ids removed."""
+        return self.snapshots.prune(c.inst.id, self.settings(c.inst.template).keep_snapshots)
 
     def _source_manifest(self, inst):
         """The manifest of the build inst was restored from, if the store still has that build."""
@@ -186,6 +191,7 @@ class LiveOps:
             raise
         await self.rt.run_blocking(c.inst.wait, 10)
         self._sleep(c, SUSPENDED)
+        self._prune(c)  # the newest, this one, is always kept: it is what resume restores
         log.info("instance %s suspended (snapshot %s)", c.inst.id, s.id)
         return s
 
@@ -405,7 +411,7 @@ class LiveOps:
 
     async def _periodic(self, c: Copy) -> None:
         await self._checkpoint(c, "auto", 120.0, leave_running=True)
-        self.snapshots.prune(c.inst.id, self.settings(c.inst.template).keep_snapshots)
+        self._prune(c)
 
     async def _quietly(self, what: str, c: Copy, job) -> None:
         """An automatic operation (its instance marked busy): logged if it fails, never raised."""

@@ -110,7 +110,7 @@ def test_a_failed_checkpoint_leaves_the_instance_running(live, tmp_path):
 
 
 def test_suspend_frees_the_process_and_a_connection_wakes_it(live):
-    svc, c = live()
+    svc, c = live("keep_snapshots = 2\n")
     with c:
         inst = c.spawn("counter")
         for _ in range(2):
@@ -130,7 +130,10 @@ def test_suspend_frees_the_process_and_a_connection_wakes_it(live):
         c.suspend(inst.id)
         rs = c.resume(inst.id)
         assert rs["state"] == "running" and ask(inst.address)["count"] == 3
-        c.suspend(inst.id)
+        last = c.suspend(inst.id)["snapshot"]["id"]
+        # keep_snapshots = 2: three suspends, the two newest kept (the last is what resume needs)
+        assert [s["id"] for s in c.snapshots(inst.id)][-1] == last
+        assert len(c.snapshots(inst.id)) == 2
         assert c.kill(inst.id, grace=0)["state"] == "exited"     # a suspended one ends at once
 
 
