@@ -338,7 +338,7 @@ class NodeOps:
         template = self.store.get(name)
         iid = iid or new_instance_id()
         rt.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run_dir = rt.instances_dir / f"{iid}.lazy"
+        run_dir = rt.instances_dir / f"{iid}.lazy-{secrets.token_hex(4)}"  # unique: it may come back
 
         def restore():
             with self.store.readable(template) as plain:  # encrypted store: its RAM plaintext

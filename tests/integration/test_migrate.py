@@ -92,13 +92,23 @@ def test_lazy_migrate_runs_on_the_target_at_once_with_its_state(pool_lab, pipe_m
         assert pl.get(r["address"], "/inc", timeout=30)["count"] == 6   # memory came on demand
         info = c.info(inst.id)
         assert info["node"] == "n2" and info["template"] == "counter"
-        # the source ends once the target has every page: it leaves n1's list
-        for _ in range(600):
-            if not [row for row in c.list() if row["id"] == inst.id and row["node"] == "n1"]:
-                break
-            time.sleep(0.05)
+        wait_left(c, inst.id, "n1")  # the source ends once the target has every page
         assert [row["node"] for row in c.list() if row["id"] == inst.id] == ["n2"]
+        # there and back again: n2 once held this instance, and takes it in anew
+        for source, target, count in (("n2", "n1", 7), ("n1", "n2", 8)):
+            r = c.migrate(inst.id, target, lazy=True)
+            assert r["node"] == target and pl.get(r["address"], "/inc", timeout=30)["count"] == count
+            wait_left(c, inst.id, source)
         c.kill(inst.id, grace=0)
+
+
+def wait_left(c, iid: str, node: str) -> None:
+    """Until the lazy migration's source, node, has ended its copy (the target has every page)."""
+    for _ in range(600):
+        if not [row for row in c.list() if row["id"] == iid and row["node"] == node]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"instance {iid} never left {node}")
 
 
 def test_a_copy_criu_cannot_dump_is_not_migrated_and_runs_on_its_source(pool_lab, tmp_path):
