@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+import psutil
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -257,20 +258,10 @@ def remove_stale(root: Path = RAM_ROOT) -> list[Path]:
         if f"{prefix}." not in (CACHE_PREFIX, DUMP_PREFIX) or not pid.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if p.lstat().st_uid == os.geteuid() and p.is_dir() and not _alive(int(pid)):
+            if p.lstat().st_uid == os.geteuid() and p.is_dir() and not psutil.pid_exists(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ImageCache:
